@@ -1,0 +1,1 @@
+"""netdrop: drops and delays a fraction of inbound SMTP segments (NFQUEUE)."""
