@@ -1,0 +1,289 @@
+"""Command line of ``spamsink``: argument parsing and wiring only.
+
+Every long option of every subcommand can also be set in the environment as
+``SPAMSINK_<NAME>`` (upper case, dashes as underscores); the command line wins.
+Repeatable options take a comma-separated list there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sink import __version__
+from sink.persona import PERSONAS, get_persona
+from sink.smtp import Limits
+from sink.tarpit import PRESETS, pacing_from_options
+
+ENV_PREFIX = "SPAMSINK_"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """Seconds, or a number with a unit: 30s, 5m, 2h, 30d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30, 30s, 5m, 2h, 30d)")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _bytes(text: str) -> int:
+    """A byte count, optionally with k/M/G (powers of 1024)."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    text = text.strip().lower().removesuffix("b")
+    scale = units.get(text[-1:], None)
+    try:
+        value = int(float(text[:-1] if scale else text) * (scale or 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use 1024, 64k, 10M)")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
+    return value
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the SMTP sink",
+        description="Accept every message as Debian's Postfix would, discard it, and "
+        "remember the sender. Every option can also be set as SPAMSINK_<OPTION>.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    listen = parser.add_argument_group("listening")
+    listen.add_argument("--smtp", action="append", metavar="ADDR",
+                        help="plain SMTP (with STARTTLS) listener, repeatable; ':25' is every "
+                        "address, '127.0.0.1:2525' or '[::1]:2525' one [default: :25]")
+    listen.add_argument("--smtps", action="append", metavar="ADDR", default=None,
+                        help="implicit-TLS listener (port 465 style), repeatable")
+    listen.add_argument("--workers", type=_positive_int, default=1,
+                        help="processes sharing the ports with SO_REUSEPORT")
+    listen.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    listen.add_argument("--backlog", type=_positive_int, default=1024,
+                        help="listen() backlog per socket")
+    listen.add_argument("--grace", type=_seconds, default=10.0,
+                        help="on SIGTERM, seconds open sessions get to finish")
+
+    identity = parser.add_argument_group("identity and policy")
+    identity.add_argument("--hostname", default=None,
+                          help="name in the banner and replies [default: this machine's FQDN]")
+    identity.add_argument("--persona", default="postfix", choices=sorted(PERSONAS),
+                          help="which MTA to imitate")
+    identity.add_argument("--domains", default=None, metavar="LIST",
+                          help="comma-separated domains to accept mail for; others are answered "
+                          "as a relay attempt [default: accept every domain]")
+    identity.add_argument("--data", type=Path, default=None, metavar="DIR",
+                          help="directory for the SQLite store and TLS key "
+                          "[default: $STATE_DIRECTORY or ~/.local/share/spamsink]")
+
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", type=Path, default=None,
+                     help="certificate chain (PEM); default: a self-signed one in --data")
+    tls.add_argument("--tls-key", type=Path, default=None, help="private key (PEM)")
+    tls.add_argument("--no-starttls", dest="starttls", action="store_false",
+                     help="do not offer STARTTLS")
+
+    limits = parser.add_argument_group("limits (defaults: the persona's)")
+    limits.add_argument("--max-line-length", type=_positive_int, default=None,
+                        help="command line length; the rest of a longer line is discarded")
+    limits.add_argument("--max-message-size", type=_bytes, default=None,
+                        help="bytes per message, advertised in SIZE")
+    limits.add_argument("--max-recipients", type=_positive_int, default=None,
+                        help="recipients per message")
+    limits.add_argument("--max-commands", type=_positive_int, default=10_000,
+                        help="commands per session")
+    limits.add_argument("--max-errors", type=_positive_int, default=None,
+                        help="errors before the persona's 421 and a close")
+    limits.add_argument("--idle-timeout", type=_seconds, default=None,
+                        help="seconds without input before the persona's 421 timeout")
+    limits.add_argument("--max-session-time", type=_seconds, default=3600.0,
+                        help="seconds a session may last in total")
+    limits.add_argument("--max-connections", type=_positive_int, default=20_000,
+                        help="open connections per process; more get the persona's 421")
+    limits.add_argument("--max-connections-per-ip", type=_positive_int, default=50,
+                        help="open connections per client address")
+    limits.add_argument("--max-buffer", type=_bytes, default=65536,
+                        help="bytes of unanswered input or unsent output held per connection")
+
+    pacing = parser.add_argument_group("tarpit")
+    pacing.add_argument("--tarpit", default="off", choices=sorted(PRESETS),
+                        help="pacing preset: off, polite, spamd (1 byte/s), max")
+    pacing.add_argument("--greeting-delay", type=_seconds, default=None,
+                        help="seconds before the banner")
+    pacing.add_argument("--reply-delay", type=_seconds, default=None,
+                        help="seconds before each command reply")
+    pacing.add_argument("--data-delay", type=_seconds, default=None,
+                        help="seconds before the reply to the end of a message")
+    pacing.add_argument("--stutter", type=float, default=None, metavar="BYTES_PER_S",
+                        help="send replies at this many bytes per second (0 = off)")
+    pacing.add_argument("--jitter", type=_fraction, default=None,
+                        help="random spread of every delay, as a fraction of it")
+
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--log-format", choices=("text", "json"), default="text",
+                      help="format of log lines, including the one per session")
+    logs.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                      default="info", help="'warning' silences the per-session lines")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _settings(args: argparse.Namespace, argv: Sequence[str]):  # -> server.Settings
+    from sink.server import ListenAddress, Settings, default_data_dir
+
+    persona = get_persona(args.persona)
+    limits = Limits(
+        line_length=args.max_line_length or persona.line_length_limit,
+        message_size=args.max_message_size or persona.message_size_limit,
+        recipients=args.max_recipients or persona.recipient_limit,
+        commands=args.max_commands,
+        errors=args.max_errors or persona.hard_error_limit,
+        idle_timeout=args.idle_timeout if args.idle_timeout is not None else persona.idle_timeout,
+        session_time=args.max_session_time,
+        connections=args.max_connections,
+        connections_per_ip=args.max_connections_per_ip,
+        buffer_bytes=args.max_buffer,
+    )
+    domains = None
+    if args.domains:
+        domains = frozenset(d.strip().lower().rstrip(".") for d in args.domains.split(",")
+                            if d.strip())
+    pacing = pacing_from_options(
+        args.tarpit, greeting_delay=args.greeting_delay, command_delay=args.reply_delay,
+        data_delay=args.data_delay, stutter_bps=args.stutter, jitter=args.jitter,
+    )
+    return Settings(
+        smtp=[ListenAddress.parse(a) for a in (args.smtp or [":25"])],
+        smtps=[ListenAddress.parse(a, 465) for a in (args.smtps or [])],
+        data=args.data or default_data_dir(),
+        hostname=args.hostname or socket.getfqdn(),
+        persona=persona,
+        limits=limits,
+        pacing=pacing,
+        domains=domains,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        starttls=args.starttls,
+        workers=args.workers,
+        worker_index=args.worker_index,
+        grace=args.grace,
+        backlog=args.backlog,
+        argv=_without_worker_options(argv),
+    )
+
+
+def _without_worker_options(argv: Sequence[str]) -> list[str]:
+    """``argv`` after ``serve`` without --workers/--worker-index (the supervisor sets them)."""
+    out: list[str] = []
+    skip = False
+    args = list(argv)
+    if "serve" in args:
+        args = args[args.index("serve") + 1:]
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--workers", "--worker-index"):
+            skip = True
+            continue
+        if arg.startswith(("--workers=", "--worker-index=")):
+            continue
+        out.append(arg)
+    return out
+
+
+def _run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from sink.server import StartupError, run
+    from sink.sessionlog import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    try:
+        settings = _settings(args, argv)
+        return run(settings)
+    except (StartupError, ValueError) as exc:
+        print(f"spamsink: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_version(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("version", help="print the version")
+    parser.set_defaults(handler=lambda args, argv: print(f"spamsink {__version__}") or 0)
+
+
+def _apply_environment(parser: argparse.ArgumentParser, command: str) -> None:
+    """Let SPAMSINK_<NAME> set the default of every long option of ``parser``."""
+    for action in parser._actions:
+        long_options = [o for o in action.option_strings if o.startswith("--")]
+        if not long_options or action.help == argparse.SUPPRESS:
+            continue
+        name = ENV_PREFIX + long_options[0][2:].upper().replace("-", "_")
+        if name not in os.environ:
+            continue
+        raw = os.environ[name]
+        try:
+            if isinstance(action, argparse._AppendAction):
+                items = [item.strip() for item in raw.split(",") if item.strip()]
+                value: object = [action.type(i) if action.type else i for i in items]
+            elif isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction):
+                truthy = raw.strip().lower() in ("1", "yes", "true", "on")
+                value = truthy if isinstance(action, argparse._StoreTrueAction) else not truthy
+            else:
+                value = action.type(raw) if action.type else raw
+                if action.choices is not None and value not in action.choices:
+                    raise ValueError(f"choose one of {', '.join(map(str, action.choices))}")
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"environment variable {name}={raw!r}: {exc}")
+        action.default = value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spamsink`` parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="spamsink",
+        description="A memory hole for spam: an SMTP sink that passes for Postfix, "
+        "remembers every sender and makes spam expensive.",
+    )
+    parser.add_argument("--version", action="version", version=f"spamsink {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(subparsers)
+    _add_version(subparsers)
+    for name, sub in subparsers.choices.items():
+        _apply_environment(sub, name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spamsink`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.handler(args, argv) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

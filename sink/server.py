@@ -1,0 +1,329 @@
+"""Running the sink: listening sockets, one event loop per process, workers, shutdown.
+
+``run(settings)`` is what ``spamsink serve`` calls. With ``workers == 1`` everything
+runs in this process. With more, this process supervises ``workers`` copies of itself
+(``python -m sink.cli serve --worker-index I ...``) that each open their own listening
+sockets with ``SO_REUSEPORT`` (the kernel spreads connections over them); a worker
+that dies is restarted, and SIGINT/SIGTERM stop them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sink.persona import Persona
+from sink.record import DiscardRecords, RecordSink, SessionRecord
+from sink.sessionlog import SessionLogger
+from sink.smtp import ConnectionTracker, Limits, ServerContext, SMTPSession
+from sink.tarpit import Pacing, Tarpit
+from sink.tls import ensure_self_signed, load_context
+
+log = logging.getLogger("spamsink.server")
+
+
+class StartupError(Exception):
+    """A problem the user must fix before the sink can start; the message says how."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A host and port to listen on; ``host == ""`` means every address."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_port: int = 25) -> ListenAddress:
+        """Parse ``:25``, ``127.0.0.1:2525``, ``[::1]:25``, ``::1`` or ``host``."""
+        text = text.strip()
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port_text = rest.removeprefix(":")
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+        elif text.count(":") > 1:
+            host, port_text = text, ""
+        else:
+            host, port_text = text, ""
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise ValueError(f"bad port in address {text!r}") from None
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port out of range in address {text!r}")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class Settings:
+    """Everything ``spamsink serve`` was told, after parsing and validation."""
+
+    smtp: list[ListenAddress]
+    smtps: list[ListenAddress]
+    data: Path
+    hostname: str
+    persona: Persona
+    limits: Limits
+    pacing: Pacing
+    domains: frozenset[str] | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    starttls: bool = True
+    workers: int = 1
+    worker_index: int | None = None
+    grace: float = 10.0
+    backlog: int = 1024
+    argv: Sequence[str] = field(default_factory=list)
+
+
+def open_listener(address: ListenAddress, *, reuse_port: bool, backlog: int,
+                  listen: bool = True) -> socket.socket:
+    """A bound (and listening) TCP socket for ``address``.
+
+    Raises :class:`StartupError` with one line telling the user what to do when the
+    port may not be bound.
+    """
+    host = address.host
+    family = socket.AF_INET6 if (":" in host or host == "") and socket.has_ipv6 else socket.AF_INET
+    if host and ":" not in host:
+        try:
+            socket.inet_pton(socket.AF_INET, host)
+        except OSError:
+            infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+            family, host = infos[0][0], infos[0][4][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "" else 1)
+        sock.bind((host or "::", address.port))
+        if listen:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(_bind_advice(address, exc)) from None
+    return sock
+
+
+def _bind_advice(address: ListenAddress, exc: OSError) -> str:
+    if exc.errno == errno.EACCES:
+        return (f"cannot listen on {address}: permission denied; ports below 1024 need root or "
+                f"CAP_NET_BIND_SERVICE (sudo setcap cap_net_bind_service=+ep on the python "
+                f"binary, or the systemd unit), or listen on a high port such as "
+                f"--smtp 127.0.0.1:2525")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {address}: the address is in use (another MTA such as "
+                f"Postfix or an earlier spamsink?); stop it or choose another --smtp port")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {address}: no interface has that address"
+    return f"cannot listen on {address}: {exc.strerror or exc}"
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for STARTTLS/--smtps, creating the self-signed pair if needed."""
+    if not settings.starttls and not settings.smtps:
+        return None
+    if settings.tls_cert or settings.tls_key:
+        if not (settings.tls_cert and settings.tls_key):
+            raise StartupError("--tls-cert and --tls-key must be given together")
+        cert, key = settings.tls_cert, settings.tls_key
+    else:
+        try:
+            cert, key = ensure_self_signed(settings.data, settings.hostname)
+        except OSError as exc:
+            raise StartupError(f"cannot create the TLS key in --data {settings.data}: "
+                               f"{exc.strerror or exc}") from None
+    try:
+        return load_context(cert, key)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+
+
+class SinkProcess:
+    """The listeners and sessions of one process, and their orderly shutdown."""
+
+    def __init__(self, settings: Settings, records: RecordSink,
+                 on_close: Callable[[SessionRecord], None] | None = None) -> None:
+        self.settings = settings
+        self.records = records
+        self.on_close = on_close
+        self.servers: list[asyncio.Server] = []
+        self.contexts: list[ServerContext] = []
+
+    async def start(self, sockets: list[tuple[socket.socket, bool]]) -> None:
+        """Serve SMTP on ``sockets``: (listening socket, implicit TLS) pairs."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        tls = tls_context(settings)
+        tracker = ConnectionTracker()
+        tarpit = Tarpit(settings.pacing)
+        for sock, implicit in sockets:
+            ctx = ServerContext(
+                persona=settings.persona, hostname=settings.hostname, limits=settings.limits,
+                records=self.records, tarpit=tarpit, domains=settings.domains,
+                tls=tls if settings.starttls or implicit else None, implicit_tls=implicit,
+                tracker=tracker, on_close=self.on_close,
+            )
+            self.contexts.append(ctx)
+            server = await loop.create_server(
+                lambda ctx=ctx: SMTPSession(ctx), sock=sock,
+                ssl=tls if implicit else None, backlog=settings.backlog,
+            )
+            self.servers.append(server)
+
+    @property
+    def active_sessions(self) -> int:
+        """Open SMTP connections in this process."""
+        return sum(len(ctx.sessions) for ctx in self.contexts)
+
+    async def stop(self) -> None:
+        """Stop accepting, let sessions finish within the grace period, then close them."""
+        for server in self.servers:
+            server.close()
+        for ctx in self.contexts:
+            ctx.shutting_down = True
+        deadline = time.monotonic() + self.settings.grace
+        while self.active_sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for ctx in self.contexts:
+            for session in list(ctx.sessions):
+                session.shutdown()
+        await asyncio.sleep(0.05)
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+def bind_all(settings: Settings, *, reuse_port: bool,
+             listen: bool = True) -> list[tuple[socket.socket, bool]]:
+    """Open every --smtp and --smtps listener; close them all if one fails."""
+    opened: list[tuple[socket.socket, bool]] = []
+    try:
+        for address in settings.smtp:
+            opened.append((open_listener(address, reuse_port=reuse_port,
+                                         backlog=settings.backlog, listen=listen), False))
+        for address in settings.smtps:
+            opened.append((open_listener(address, reuse_port=reuse_port,
+                                         backlog=settings.backlog, listen=listen), True))
+    except StartupError:
+        for sock, _ in opened:
+            sock.close()
+        raise
+    return opened
+
+
+def install_event_loop_policy() -> None:
+    """Use uvloop when it is installed; warn and use asyncio's loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed: using asyncio's default event loop, "
+                    "which costs about three times the CPU per message")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve_forever(settings: Settings, reuse_port: bool) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    sockets = bind_all(settings, reuse_port=reuse_port)
+    session_log = SessionLogger()
+    process = SinkProcess(settings, records=DiscardRecords(), on_close=session_log.write)
+    await process.start(sockets)
+    names = ", ".join(str(a) for a in settings.smtp + settings.smtps)
+    log.info("spamsink %s listening on %s as %s (%s persona)",
+             f"worker {settings.worker_index}" if settings.worker_index is not None else "",
+             names, settings.hostname, settings.persona.name)
+    await stop.wait()
+    log.info("shutting down: letting sessions finish for up to %.0f s", settings.grace)
+    await process.stop()
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM. Returns the process exit status."""
+    install_event_loop_policy()
+    if settings.workers > 1 and settings.worker_index is None:
+        return _supervise(settings)
+    asyncio.run(_serve_forever(settings, reuse_port=settings.workers > 1
+                               or settings.worker_index is not None))
+    return 0
+
+
+def _worker_command(settings: Settings, index: int) -> list[str]:
+    return [sys.executable, "-m", "sink.cli", "serve", *settings.argv,
+            "--workers", str(settings.workers), "--worker-index", str(index)]
+
+
+def _supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` worker processes; restart the ones that die."""
+    # Bind (without listening) first, so a port we may not use fails here, once.
+    for sock, _ in bind_all(settings, reuse_port=True, listen=False):
+        sock.close()
+    tls_context(settings)  # create the self-signed pair once, before workers race for it
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    workers: dict[int, subprocess.Popen[bytes]] = {}
+    restarts: dict[int, float] = {}
+    for index in range(settings.workers):
+        workers[index] = subprocess.Popen(_worker_command(settings, index))
+    log.info("supervising %d workers", settings.workers)
+    while not stopping:
+        time.sleep(0.2)
+        for index, proc in list(workers.items()):
+            status = proc.poll()
+            if status is None or stopping:
+                continue
+            delay = 1.0 if time.monotonic() - restarts.get(index, 0.0) < 5 else 0.0
+            log.warning("worker %d exited with status %s; restarting it", index, status)
+            time.sleep(delay)
+            restarts[index] = time.monotonic()
+            workers[index] = subprocess.Popen(_worker_command(settings, index))
+    for proc in workers.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + settings.grace + 5
+    for proc in workers.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return 0
+
+
+def default_data_dir() -> Path:
+    """systemd's $STATE_DIRECTORY, else $XDG_DATA_HOME/spamsink (~/.local/share/spamsink)."""
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "spamsink"
