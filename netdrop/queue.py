@@ -16,6 +16,7 @@ counters (:mod:`netdrop.accounting`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import itertools
@@ -64,7 +65,7 @@ def set_fail_open(fd: int, queue_num: int, enabled: bool = True) -> None:
         sock.send(msg)
         while True:
             reply = sock.recv(8192)
-            length, kind, _, rseq, _ = struct.unpack_from("=IHHII", reply)
+            _length, kind, _, rseq, _ = struct.unpack_from("=IHHII", reply)
             if kind == 2 and rseq == seq:  # NLMSG_ERROR carries the ack
                 code = -struct.unpack_from("=i", reply, 16)[0]
                 if code:
@@ -194,11 +195,9 @@ class Consumer:
     def close(self) -> None:
         """Pass every held packet, unbind, and flush the counters (idempotent)."""
         if self._nfq is not None:
-            while self._heap:
-                try:
+            with contextlib.suppress(RuntimeError):
+                while self._heap:
                     heapq.heappop(self._heap)[2].accept()  # type: ignore[attr-defined]
-                except RuntimeError:
-                    pass
             self.totals.held = 0
             self._nfq.unbind()
             self._nfq = None

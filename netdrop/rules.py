@@ -18,6 +18,7 @@ are removed before installing. Every failure is a :class:`RulesError` with one l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -258,9 +259,7 @@ class Rules:
                 log.warning("netdrop: could not remove %s rules: %s", xt.tool, exc)
         self._xt = []
         if self._nft is not None:
-            try:
+            with contextlib.suppress(NftError):
                 self._nft.run(f"delete table inet {self.spec.table}")
-            except NftError:
-                pass
             self._nft.close()
             self._nft = None
