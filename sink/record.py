@@ -7,9 +7,17 @@ records into the store lives beside this model; the store and API read what it w
 
 from __future__ import annotations
 
+import collections
 import enum
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+log = logging.getLogger("spamsink.record")
 
 
 class Flag(enum.IntFlag):
@@ -91,6 +99,8 @@ class SessionRecord:
     retransmits: int = 0
     #: The SMTP stage the client was in when the session ended ("greeting", "mail"...).
     last_stage: str = ""
+    #: Seconds the client had waited for our pending (held) reply when it closed; 0 if none.
+    waited: float = 0.0
 
     @property
     def duration(self) -> float:
@@ -109,3 +119,106 @@ class DiscardRecords:
 
     def submit(self, record: SessionRecord) -> None:
         """Drop ``record``."""
+
+
+class Recorder:
+    """The engine's :class:`RecordSink` that batches sessions into a store.
+
+    ``submit`` (event-loop thread) appends to a bounded queue and returns; when the
+    queue is full the record is dropped, counted in ``dropped`` and a warning is
+    logged at most once per ``warn_interval`` seconds. One writer thread takes up to
+    ``batch`` records at a time and hands them to ``write`` (one transaction per
+    batch); it wakes when ``batch`` records are waiting and at least every
+    ``interval`` seconds. ``close`` writes everything still queued and stops the
+    thread. A failing write is logged, its batch counted in ``failed``, and the
+    writer carries on. ``on_tick`` runs in the writer thread after every wake-up
+    (metrics sampling, retention); ``on_batch`` after every written batch with the
+    records and the seconds the write took.
+    """
+
+    def __init__(self, write: Callable[[Sequence[SessionRecord]], None], *,
+                 capacity: int = 65_536, batch: int = 1000, interval: float = 0.5,
+                 warn_interval: float = 60.0,
+                 on_tick: Callable[[], None] | None = None,
+                 on_batch: Callable[[Sequence[SessionRecord], float], None] | None = None,
+                 ) -> None:
+        self._write = write
+        self._queue: collections.deque[SessionRecord] = collections.deque()
+        self.capacity = capacity
+        self.batch = batch
+        self.interval = interval
+        self.warn_interval = warn_interval
+        self.on_tick = on_tick
+        self.on_batch = on_batch
+        self.dropped = 0
+        self.failed = 0
+        self.written = 0
+        self._last_warning = -math.inf
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="spamsink-recorder", daemon=True)
+
+    def start(self) -> Recorder:
+        """Start the writer thread."""
+        self._thread.start()
+        return self
+
+    @property
+    def depth(self) -> int:
+        """Records waiting to be written."""
+        return len(self._queue)
+
+    def submit(self, record: SessionRecord) -> None:
+        """Queue ``record`` for writing; never blocks, never raises."""
+        queue = self._queue
+        size = len(queue)
+        if size >= self.capacity:
+            self._drop()
+            return
+        queue.append(record)
+        if size + 1 == self.batch:
+            self._wake.set()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_warning >= self.warn_interval:
+            self._last_warning = now
+            log.warning("recorder queue full (%d records): dropped %d session records so far",
+                        self.capacity, self.dropped)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write everything queued, then stop the writer thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            stopping = self._stopping
+            self._drain()
+            if self.on_tick is not None:
+                try:
+                    self.on_tick()
+                except Exception:
+                    log.exception("recorder tick failed")
+            if stopping:
+                return
+
+    def _drain(self) -> None:
+        queue, size = self._queue, self.batch
+        while queue:
+            records = [queue.popleft() for _ in range(min(size, len(queue)))]
+            started = time.perf_counter()
+            try:
+                self._write(records)
+            except Exception:
+                self.failed += len(records)
+                log.exception("could not write %d session records", len(records))
+                continue
+            self.written += len(records)
+            if self.on_batch is not None:
+                self.on_batch(records, time.perf_counter() - started)

@@ -1,0 +1,121 @@
+"""Export formats for recorded senders, produced as a stream of text chunks.
+
+Contract: :func:`render` takes ``rows(family)``, which yields lists of aggregate rows
+(columns :data:`sink.store.IP_COLUMNS`) for one address family (4, 6, or ``None``
+for both), and yields text chunks, one per list, so memory stays bounded however
+many senders there are. Comment lines start with ``#`` in every format but JSON.
+
+* ``txt``: one address per line.
+* ``csv``: a header, then one sender per line; times ISO 8601 UTC, flags
+  space-separated.
+* ``json``: one JSON array of sender objects (as ``GET /api/v1/ips`` items).
+* ``rbldnsd``: an ``ip4set`` dataset answering 127.0.0.2, with the RFC 5782 test
+  entry 127.0.0.2 and without 127.0.0.1 (which RFC 5782 forbids listing); IPv6
+  senders cannot go in an ``ip4set`` and are counted in a closing comment.
+* ``nft``: an ``nft -f`` script that creates (if needed) table ``inet spamsink``
+  with sets ``senders_v4`` and ``senders_v6``, empties them and loads the senders;
+  reloading replaces the contents.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+
+from sink.query import iso
+from sink.record import Flag
+from sink.store import IP_COLUMNS
+
+FORMATS = ("txt", "csv", "json", "rbldnsd", "nft")
+CONTENT_TYPES = {
+    "txt": "text/plain; charset=utf-8",
+    "csv": "text/csv; charset=utf-8",
+    "json": "application/json",
+    "rbldnsd": "text/plain; charset=utf-8",
+    "nft": "text/plain; charset=utf-8",
+}
+NFT_TABLE = "spamsink"
+
+Rows = Callable[[int | None], Iterator[list[tuple]]]
+
+
+def sender_item(row: tuple) -> dict[str, object]:
+    """One aggregate row (``IP_COLUMNS``) as the JSON object the API returns."""
+    item = dict(zip(IP_COLUMNS, row, strict=True))
+    item["first_seen"] = iso(item["first_seen"])  # type: ignore[arg-type]
+    item["last_seen"] = iso(item["last_seen"])  # type: ignore[arg-type]
+    item["flags"] = Flag.names(item["flags"])  # type: ignore[arg-type]
+    return item
+
+
+def render(fmt: str, rows: Rows, header: list[str]) -> Iterator[str]:
+    """The export in format ``fmt``; ``header`` lines become leading comments."""
+    return _RENDERERS[fmt](rows, header)
+
+
+def _comments(lines: list[str]) -> str:
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def _txt(rows: Rows, header: list[str]) -> Iterator[str]:
+    yield _comments(header)
+    for chunk in rows(None):
+        yield "".join(f"{row[0]}\n" for row in chunk)
+
+
+def _csv(rows: Rows, header: list[str]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(IP_COLUMNS)
+    for chunk in rows(None):
+        for row in chunk:
+            item = sender_item(row)
+            item["flags"] = " ".join(item["flags"])  # type: ignore[arg-type]
+            writer.writerow(item.values())
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _json(rows: Rows, header: list[str]) -> Iterator[str]:
+    yield "["
+    separator = "\n"
+    for chunk in rows(None):
+        parts = []
+        for row in chunk:
+            parts.append(separator + json.dumps(sender_item(row), separators=(",", ":")))
+            separator = ",\n"
+        yield "".join(parts)
+    yield "\n]\n"
+
+
+def _rbldnsd(rows: Rows, header: list[str]) -> Iterator[str]:
+    yield (_comments([*header, "rbldnsd ip4set dataset; RFC 5782 test entry 127.0.0.2"])
+           + ":127.0.0.2:Listed by spamsink: sent to a spam sink\n127.0.0.2\n")
+    for chunk in rows(4):
+        yield "".join(f"{row[0]}\n" for row in chunk if row[0] not in ("127.0.0.1", "127.0.0.2"))
+    skipped = sum(len(chunk) for chunk in rows(6))
+    if skipped:
+        yield _comments([f"{skipped} IPv6 senders left out (an ip4set holds IPv4 only)"])
+
+
+def _nft(rows: Rows, header: list[str]) -> Iterator[str]:
+    table = f"inet {NFT_TABLE}"
+    yield ("#!/usr/sbin/nft -f\n" + _comments([
+        *header, "load with: nft -f FILE; then e.g. ip saddr @senders_v4 drop in your chains"])
+        + f"table {table} {{\n"
+        "\tset senders_v4 {\n\t\ttype ipv4_addr\n\t}\n"
+        "\tset senders_v6 {\n\t\ttype ipv6_addr\n\t}\n}\n"
+        f"flush set {table} senders_v4\nflush set {table} senders_v6\n")
+    for family in (4, 6):
+        for chunk in rows(family):
+            yield (f"add element {table} senders_v{family} {{ "
+                   + ", ".join(row[0] for row in chunk) + " }\n")
+
+
+_RENDERERS: dict[str, Callable[[Rows, list[str]], Iterator[str]]] = {
+    "txt": _txt, "csv": _csv, "json": _json, "rbldnsd": _rbldnsd, "nft": _nft,
+}
