@@ -307,10 +307,11 @@ _SESSION_ROW = attrgetter(
 _INSERT_SESSION = (f"INSERT INTO sessions ({', '.join(SESSION_COLUMNS[1:])}) "
                    f"VALUES ({', '.join('?' * (len(SESSION_COLUMNS) - 1))})")
 #: Per-IP aggregates of a batch, added to the stored ones. Unqualified names in SET
-#: are the stored row's values; the latest non-empty HELO wins.
+#: are the stored row's values. The batch's HELO (from its latest session that sent
+#: one, at time ?10) replaces the stored one unless the stored sender was seen later.
 _UPSERT_IP = """
 INSERT INTO ips (ip, first_seen, last_seen, sessions, messages, recipients, bytes, helo, flags)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
 ON CONFLICT (ip) DO UPDATE SET
     first_seen = min(first_seen, excluded.first_seen),
     last_seen = max(last_seen, excluded.last_seen),
@@ -318,7 +319,7 @@ ON CONFLICT (ip) DO UPDATE SET
     messages = messages + excluded.messages,
     recipients = recipients + excluded.recipients,
     bytes = bytes + excluded.bytes,
-    helo = CASE WHEN excluded.helo != '' AND excluded.last_seen >= last_seen
+    helo = CASE WHEN excluded.helo != '' AND (?10 >= last_seen OR helo = '')
                 THEN excluded.helo ELSE helo END,
     flags = flags | excluded.flags
 """
@@ -405,14 +406,15 @@ class SQLiteWriter(StoreWriter):
             pairs.add((ip, local))
             agg = per_ip.get(ip)
             if agg is None:
-                per_ip[ip] = [ip, start, end, 1, n_msg, n_rcpt, n_bytes, helo, row[19]]
+                per_ip[ip] = [ip, start, end, 1, n_msg, n_rcpt, n_bytes, helo, row[19],
+                              end if helo else -1.0]
             else:
                 if start < agg[1]:
                     agg[1] = start
-                if end >= agg[2]:
+                if end > agg[2]:
                     agg[2] = end
-                    if helo:
-                        agg[7] = helo
+                if helo and end >= agg[9]:
+                    agg[7], agg[9] = helo, end
                 agg[3] += 1
                 agg[4] += n_msg
                 agg[5] += n_rcpt

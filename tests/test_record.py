@@ -1,0 +1,139 @@
+"""The recorder: non-blocking hand-off, batching, drops, flush on close, into real SQLite."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sink.record import Recorder, SessionRecord
+from sink.recording import Recording
+from sink.store import SessionFilter, open_reader
+
+
+def record(ip: str = "192.0.2.1") -> SessionRecord:
+    r = SessionRecord(start=time.time(), client_ip=ip, client_port=1, local_ip="127.0.0.1",
+                      local_port=25, persona="postfix")
+    r.end = r.start
+    r.messages = 1
+    return r
+
+
+class Batches:
+    """A write function that remembers batch sizes and can be held shut."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def __call__(self, records: Sequence[SessionRecord]) -> None:
+        self.gate.wait()
+        if self.fail:
+            raise OSError("disk full")
+        self.sizes.append(len(records))
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_interval():
+    batches = Batches()
+    recorder = Recorder(batches, batch=100, interval=30.0).start()
+    for _ in range(100):
+        recorder.submit(record())
+    deadline = time.monotonic() + 5
+    while not batches.sizes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batches.sizes == [100]
+    recorder.close()
+
+
+def test_a_partial_batch_is_written_within_the_interval():
+    batches = Batches()
+    recorder = Recorder(batches, batch=1000, interval=0.2).start()
+    recorder.submit(record())
+    started = time.monotonic()
+    while not batches.sizes and time.monotonic() - started < 5:
+        time.sleep(0.01)
+    assert batches.sizes == [1]
+    assert time.monotonic() - started < 1.0
+    recorder.close()
+
+
+def test_a_full_queue_drops_counts_and_warns_once_per_interval(caplog):
+    batches = Batches()
+    batches.gate.clear()  # the store is stuck
+    recorder = Recorder(batches, capacity=10, batch=5, interval=0.05, warn_interval=60).start()
+    caplog.set_level(logging.WARNING, "spamsink.record")
+    started = time.perf_counter()
+    for _ in range(1000):
+        recorder.submit(record())
+    elapsed = time.perf_counter() - started
+    assert elapsed < 5, "submit waited on the stuck store"
+    # The writer took one batch of 5 before it got stuck; the queue holds 10.
+    assert recorder.dropped >= 1000 - 15
+    warnings = [r for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(warnings) == 1
+    batches.gate.set()
+    recorder.close()
+    assert sum(batches.sizes) + recorder.dropped == 1000
+
+
+def test_close_writes_everything_queued():
+    batches = Batches()
+    recorder = Recorder(batches, batch=64, interval=60.0).start()
+    for _ in range(1000):
+        recorder.submit(record())
+    recorder.close()
+    assert sum(batches.sizes) == 1000
+    assert max(batches.sizes) <= 64
+    assert recorder.depth == 0
+
+
+def test_a_failed_write_is_counted_and_the_writer_carries_on(caplog):
+    batches = Batches()
+    batches.fail = True
+    recorder = Recorder(batches, batch=10, interval=0.05).start()
+    caplog.set_level(logging.ERROR, "spamsink.record")
+    for _ in range(10):
+        recorder.submit(record())
+    deadline = time.monotonic() + 5
+    while recorder.failed < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batches.fail = False
+    recorder.submit(record())
+    recorder.close()
+    assert recorder.failed == 10
+    assert batches.sizes == [1]
+    assert any("could not write" in r.getMessage() for r in caplog.records)
+
+
+def test_recording_reaches_sqlite_and_metrics(tmp_path: Path):
+    recording = Recording.open(tmp_path, retain=0, active=lambda: 7)
+    for i in range(2500):
+        recording.records.submit(record(f"192.0.2.{i % 10}"))
+    recording.close()
+    reader = open_reader(tmp_path)
+    assert reader.stats(time.time())["totals"]["sessions"] == 2500
+    assert len(reader.sessions(SessionFilter(ip="192.0.2.3"), limit=1000)) == 250
+    registry = recording.metrics.registry
+    assert registry.get_sample_value("spamsink_sessions_total") == 2500
+    assert registry.get_sample_value("spamsink_messages_total") == 2500
+    assert registry.get_sample_value("spamsink_active_connections") == 7
+    assert registry.get_sample_value("spamsink_store_write_seconds_count") >= 3
+
+
+def test_retention_runs_in_the_writer(tmp_path: Path):
+    recording = Recording.open(tmp_path, retain=86400)
+    old = record("192.0.2.1")
+    old.start = old.end = time.time() - 2 * 86400
+    recording.records.submit(old)
+    recording.records.submit(record("192.0.2.2"))
+    recording.close()
+    # The prune at start ran before the old record arrived; the next one removes it.
+    recording = Recording.open(tmp_path, retain=86400)
+    recording.close()
+    reader = open_reader(tmp_path)
+    assert [s["client_ip"] for s in reader.sessions(SessionFilter())] == ["192.0.2.2"]
+    assert reader.ip("192.0.2.1") is not None
