@@ -366,10 +366,9 @@ class ApiServer:
 
     async def start(self) -> None:
         """Listen; ``OSError`` when the address cannot be bound."""
-        self.runner = web.AppRunner(self.api.app(), access_log=None)
+        self.runner = web.AppRunner(self.api.app(), access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host or None, self.port, reuse_address=True,
-                           shutdown_timeout=1.0)
+        site = web.TCPSite(self.runner, self.host or None, self.port, reuse_address=True)
         try:
             await site.start()
         except OSError:

@@ -1,0 +1,349 @@
+"""The HTTP API over a real listener on a real SQLite store: every route and filter,
+bad input, auth on and off, and the OpenAPI description kept true."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sink.api import ROUTES, Api, ApiServer, ApiThread, check_exposure, openapi, read_token
+from sink.metrics import SinkMetrics, exposition
+from sink.query import encode_cursor
+from sink.record import Flag
+from sink.store import NETDROP_FILE, open_reader, open_writer
+from tests.support import free_port
+from tests.test_store import session
+
+TOKEN = "s3cret-token"
+NOW = time.time()
+
+
+class Client:
+    """Plain urllib against the API's base URL."""
+
+    def __init__(self, base: str, token: str | None = None) -> None:
+        self.base, self.token = base, token
+
+    def request(self, method: str, path: str) -> tuple[int, str, bytes]:
+        req = urllib.request.Request(self.base + path, method=method)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Content-Type", ""), exc.read()
+
+    def json(self, path: str, method: str = "GET", status: int = 200) -> dict:
+        code, ctype, body = self.request(method, path)
+        assert code == status, (code, body)
+        assert ctype.startswith("application/json"), ctype
+        return json.loads(body)
+
+    def text(self, path: str) -> str:
+        code, _, body = self.request("GET", path)
+        assert code == 200, (code, body)
+        return body.decode()
+
+
+def populate(data: Path) -> None:
+    writer = open_writer(data)
+    writer.write([
+        session("192.0.2.1", end=NOW - 10, messages=5, helo="a.example", flags=Flag.PREGREET),
+        session("192.0.2.1", end=NOW - 5, messages=5, flags=Flag.BARE_LF),
+        session("192.0.2.2", end=NOW - 3600, messages=1, flags=Flag.RELAY_ATTEMPT),
+        session("198.51.100.7", end=NOW - 2 * 86400, messages=0, helo="old.example"),
+        session("2001:db8::5", end=NOW - 300, messages=2, local="2001:db8::25"),
+        session("127.0.0.1", end=NOW - 1, messages=1),
+    ])
+    writer.close()
+
+
+def serve(data: Path, token: str | None, metrics: SinkMetrics | None = None,
+          ) -> Iterator[tuple[ApiThread, str]]:
+    port = free_port()
+    scrape = (lambda: exposition(metrics.registry)) if metrics else (lambda: exposition(None))
+    thread = ApiThread(ApiServer(Api(open_reader(data), token, scrape), "127.0.0.1", port))
+    thread.start()
+    try:
+        yield thread, f"http://127.0.0.1:{port}"
+    finally:
+        thread.stop()
+
+
+@pytest.fixture
+def open_api(tmp_path: Path) -> Iterator[Client]:
+    populate(tmp_path)
+    metrics = SinkMetrics()
+    metrics.record_batch([session(messages=3)], 0.002)
+    for _, base in serve(tmp_path, None, metrics):
+        yield Client(base)
+
+
+@pytest.fixture
+def locked_api(tmp_path: Path) -> Iterator[tuple[Client, Client]]:
+    populate(tmp_path)
+    for _, base in serve(tmp_path, TOKEN):
+        yield Client(base, TOKEN), Client(base)
+
+
+def ips_of(body: dict) -> list[str]:
+    return [item["ip"] for item in body["items"]]
+
+
+def test_ips_lists_senders_with_their_counts(open_api: Client):
+    body = open_api.json("/api/v1/ips")
+    assert ips_of(body) == ["127.0.0.1", "192.0.2.1", "2001:db8::5", "192.0.2.2",
+                            "198.51.100.7"]
+    first = body["items"][1]
+    assert first["sessions"] == 2 and first["messages"] == 10
+    assert first["flags"] == ["pregreet", "bare_lf"]
+    assert first["helo"] == "bot.example"
+    assert first["last_seen"].endswith("Z")
+    assert body["next_cursor"] is None
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("sort=volume", ["192.0.2.1", "2001:db8::5", "192.0.2.2", "127.0.0.1", "198.51.100.7"]),
+    ("min_messages=2", ["192.0.2.1", "2001:db8::5"]),
+    ("flag=relay_attempt", ["192.0.2.2"]),
+    ("flag=pregreet&flag=bare_lf", ["192.0.2.1"]),
+    ("flag=pregreet,relay_attempt", []),
+    ("since=2h", ["127.0.0.1", "192.0.2.1", "2001:db8::5", "192.0.2.2"]),
+    (f"since={NOW - 30:.0f}", ["127.0.0.1", "192.0.2.1"]),
+    ("until=1d", ["198.51.100.7"]),
+    ("family=6", ["2001:db8::5"]),
+    ("family=4&sort=volume&min_messages=1", ["192.0.2.1", "192.0.2.2", "127.0.0.1"]),
+])
+def test_ips_filters(open_api: Client, query: str, expected: list[str]):
+    body = open_api.json(f"/api/v1/ips?{query}")
+    if query == "sort=volume":  # ties on messages go by address, descending
+        assert ips_of(body)[:2] == expected[:2]
+        assert set(ips_of(body)) == set(expected)
+    else:
+        assert ips_of(body) == expected
+
+
+def test_ips_since_takes_iso_8601(open_api: Client):
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 600))
+    assert set(ips_of(open_api.json(f"/api/v1/ips?since={since}"))) == {
+        "127.0.0.1", "192.0.2.1", "2001:db8::5"}
+
+
+def test_ips_pages_with_a_cursor(open_api: Client):
+    seen, cursor, pages = [], None, 0
+    while True:
+        body = open_api.json("/api/v1/ips?limit=2&sort=volume"
+                             + (f"&cursor={cursor}" if cursor else ""))
+        seen += ips_of(body)
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert sorted(seen) == sorted(["127.0.0.1", "192.0.2.1", "2001:db8::5", "192.0.2.2",
+                                   "198.51.100.7"])
+
+
+@pytest.mark.parametrize(("path", "parameter"), [
+    ("/api/v1/ips?since=yesterday", "since"),
+    ("/api/v1/ips?until=2026-13-45", "until"),
+    ("/api/v1/ips?min_messages=-1", "min_messages"),
+    ("/api/v1/ips?min_messages=many", "min_messages"),
+    ("/api/v1/ips?flag=evil", "flag"),
+    ("/api/v1/ips?sort=size", "sort"),
+    ("/api/v1/ips?limit=0", "limit"),
+    ("/api/v1/ips?limit=100001", "limit"),
+    ("/api/v1/ips?cursor=garbage!", "cursor"),
+    ("/api/v1/ips?cursor=WzEsMl0", "cursor"),  # [1,2]: well-formed, wrong shape
+    ("/api/v1/ips?family=5", "family"),
+    ("/api/v1/ips?min_message=3", "min_message"),
+    ("/api/v1/ips/not-an-ip", "ip"),
+    ("/api/v1/ips/192.0.2.1?sessions=5000", "sessions"),
+    ("/api/v1/sessions?ip=999.1.1.1", "ip"),
+    ("/api/v1/sessions?cursor=abc", "cursor"),
+    ("/api/v1/stats?top=0", "top"),
+    ("/api/v1/export?format=xml", "format"),
+    ("/api/v1/export?limit=5", "limit"),
+])
+def test_bad_parameters_get_400_naming_them(open_api: Client, path: str, parameter: str):
+    body = open_api.json(path, status=400)
+    assert body["parameter"] == parameter
+    assert body["error"]
+
+
+def test_one_sender_with_sessions_and_netdrop_counts(open_api: Client, tmp_path: Path):
+    body = open_api.json("/api/v1/ips/192.0.2.1?sessions=1")
+    assert body["sender"]["sessions"] == 2
+    assert body["local_ips"] == ["198.51.100.1"]
+    assert len(body["recent_sessions"]) == 1
+    assert body["recent_sessions"][0]["flags"] == ["bare_lf"]
+    assert body["netdrop"] is None
+    # netdrop's own file, as netdrop writes it.
+    conn = sqlite3.connect(tmp_path / NETDROP_FILE)
+    conn.execute("CREATE TABLE netdrop_senders (ip TEXT PRIMARY KEY, seen INTEGER, "
+                 "passed INTEGER, dropped INTEGER, delayed INTEGER, updated REAL)")
+    conn.execute("INSERT INTO netdrop_senders VALUES ('192.0.2.1', 100, 70, 20, 10, 1.5)")
+    conn.execute("INSERT INTO netdrop_senders VALUES ('203.0.113.9', 5, 5, 0, 0, 2.5)")
+    conn.commit()
+    conn.close()
+    body = open_api.json("/api/v1/ips/192.0.2.1")
+    assert body["netdrop"] == {"seen": 100, "passed": 70, "dropped": 20, "delayed": 10,
+                               "updated": 1.5}
+    # Known to netdrop only: still an answer; unknown to both: 404.
+    only_netdrop = open_api.json("/api/v1/ips/203.0.113.9")
+    assert only_netdrop["sender"] is None and only_netdrop["netdrop"]["seen"] == 5
+    open_api.json("/api/v1/ips/203.0.113.10", status=404)
+    # IPv6 in its long form finds the stored short form.
+    assert open_api.json("/api/v1/ips/2001:0db8:0:0::5")["sender"]["ip"] == "2001:db8::5"
+
+
+def test_sessions_list_filters_and_pages(open_api: Client):
+    body = open_api.json("/api/v1/sessions")
+    assert len(body["items"]) == 6
+    assert body["items"][0]["client_ip"] == "127.0.0.1"
+    assert body["items"][0]["start"].endswith("Z")
+    assert [s["client_ip"] for s in open_api.json("/api/v1/sessions?ip=192.0.2.1")["items"]] == [
+        "192.0.2.1"] * 2
+    assert len(open_api.json("/api/v1/sessions?flag=relay_attempt")["items"]) == 1
+    assert len(open_api.json("/api/v1/sessions?since=30s&until=0s")["items"]) == 3
+    page = open_api.json("/api/v1/sessions?limit=4")
+    rest = open_api.json(f"/api/v1/sessions?limit=4&cursor={page['next_cursor']}")
+    assert len(page["items"]) == 4 and len(rest["items"]) == 2 and rest["next_cursor"] is None
+
+
+def test_stats(open_api: Client):
+    body = open_api.json("/api/v1/stats?top=2")
+    assert body["totals"] == {"sessions": 6, "messages": 14, "recipients": 6, "bytes": 6000,
+                              "senders": 5}
+    assert body["rates"]["1m"]["messages"] == 11
+    assert body["rates"]["24h"]["messages"] == 14
+    assert [s["ip"] for s in body["top_senders"]] == ["192.0.2.1", "2001:db8::5"]
+
+
+def test_export_formats(open_api: Client):
+    txt = open_api.text("/api/v1/export?format=txt&min_messages=1&sort=volume")
+    lines = [line for line in txt.splitlines() if not line.startswith("#")]
+    assert lines == ["192.0.2.1", "2001:db8::5", "192.0.2.2", "127.0.0.1"]
+    # netdrop's query: one address per line, comments start with '#'.
+    txt = open_api.text("/api/v1/export?format=txt&flag=bare_lf&min_messages=3")
+    assert [line for line in txt.splitlines() if not line.startswith("#")] == ["192.0.2.1"]
+    csv_text = open_api.text("/api/v1/export?format=csv&family=6")
+    assert csv_text.splitlines()[0].startswith("ip,first_seen,last_seen,sessions,messages")
+    assert csv_text.splitlines()[1].startswith("2001:db8::5,")
+    items = json.loads(open_api.text("/api/v1/export?format=json"))
+    assert len(items) == 5 and items[0]["ip"] == "127.0.0.1"
+    rbl = open_api.text("/api/v1/export?format=rbldnsd").splitlines()
+    entries = [line for line in rbl if line and not line.startswith(("#", ":"))]
+    assert entries[0] == "127.0.0.2"  # RFC 5782 test entry
+    assert "127.0.0.1" not in entries  # RFC 5782: never list 127.0.0.1
+    assert set(entries) == {"127.0.0.2", "192.0.2.1", "192.0.2.2", "198.51.100.7"}
+    assert rbl[-1] == "# 1 IPv6 senders left out (an ip4set holds IPv4 only)"
+    nft = open_api.text("/api/v1/export?format=nft")
+    assert "add element inet spamsink senders_v6 { 2001:db8::5 }" in nft
+    assert "flush set inet spamsink senders_v4" in nft
+
+
+def test_openapi_describes_exactly_the_routes_served(open_api: Client):
+    spec = open_api.json("/api/v1/openapi.json")
+    assert spec == json.loads(json.dumps(openapi()))
+    documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+    served = {(route.method, route.path) for route in ROUTES}
+    assert documented == served
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            # Every documented route answers (not 404/405), and accepts every documented
+            # query parameter with its documented default or an example value.
+            query = "&".join(f"{p['name']}={_example(path, p)}" for p in op["parameters"]
+                             if p["in"] == "query")
+            url = path.replace("{ip}", "192.0.2.2") + (f"?{query}" if query else "")
+            if method == "delete":
+                status, _, _ = open_api.request("DELETE", url)
+                assert status == 403  # no token configured: deletes are refused
+                continue
+            status, _, body = open_api.request("GET", url)
+            assert status == 200, (url, body)
+
+
+def _example(path: str, param: dict) -> str:
+    if param["name"] == "cursor":  # as the route itself makes them
+        return encode_cursor(10**9) if path.endswith("sessions") else encode_cursor(1, "1")
+    schema = param["schema"]
+    if "default" in schema:
+        return str(schema["default"])
+    if "enum" in schema:
+        return schema["enum"][0]
+    if schema.get("type") == "array":
+        return schema["items"]["enum"][0]
+    if schema.get("type") == "integer":
+        return str(schema.get("minimum", 1))
+    return {"since": "1d", "until": "0s", "ip": "192.0.2.2"}[param["name"]]
+
+
+def test_healthz_and_metrics(open_api: Client):
+    assert open_api.json("/healthz") == {"status": "ok"}
+    code, ctype, body = open_api.request("GET", "/metrics")
+    assert code == 200 and ctype.startswith("text/plain")
+    text = body.decode()
+    assert "spamsink_messages_total 3.0" in text
+    assert "spamsink_store_write_seconds_count 1.0" in text
+    for line in text.splitlines():  # never an address in a label
+        assert "192.0.2" not in line and "ip=" not in line
+
+
+def test_unknown_route_is_json_404(open_api: Client):
+    assert open_api.json("/api/v1/nothing", status=404)["error"]
+
+
+def test_token_is_required_on_every_route(locked_api: tuple[Client, Client]):
+    with_token, without = locked_api
+    for route in ROUTES:
+        path = route.path.replace("{ip}", "192.0.2.2")
+        status, _, body = without.request(route.method, path)
+        assert status == 401, (route.path, body)
+        assert json.loads(body)["parameter"] == "Authorization"
+    wrong = Client(with_token.base, "not-it")
+    assert wrong.request("GET", "/api/v1/ips")[0] == 401
+    assert ips_of(with_token.json("/api/v1/ips?family=6")) == ["2001:db8::5"]
+    assert with_token.request("GET", "/metrics")[0] == 200
+
+
+def test_delete_forgets_a_sender_with_the_token(locked_api: tuple[Client, Client]):
+    with_token, _ = locked_api
+    assert with_token.json("/api/v1/ips/192.0.2.1", "DELETE") == {"deleted": "192.0.2.1"}
+    with_token.json("/api/v1/ips/192.0.2.1", status=404)
+    with_token.json("/api/v1/ips/192.0.2.1", "DELETE", status=404)
+    assert "192.0.2.1" not in ips_of(with_token.json("/api/v1/ips"))
+    assert with_token.json("/api/v1/stats")["totals"]["sessions"] == 4
+
+
+def test_delete_without_a_configured_token_is_refused(open_api: Client):
+    body = open_api.json("/api/v1/ips/192.0.2.1", "DELETE", status=403)
+    assert "--api-token" in body["error"]
+    assert open_api.json("/api/v1/ips/192.0.2.1")["sender"]["sessions"] == 2
+
+
+def test_exposure_rules(tmp_path: Path):
+    check_exposure("127.0.0.1", 8025, None)
+    check_exposure("::1", 8025, None)
+    check_exposure("localhost", 8025, None)
+    check_exposure("0.0.0.0", 8025, "t")
+    for host in ("0.0.0.0", "", "192.0.2.1", "::"):
+        with pytest.raises(ValueError, match="without a token"):
+            check_exposure(host, 8025, None)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert read_token(None, str(token_file)) == "from-file"
+    assert read_token("given", None) == "given"
+    token_file.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_token(None, str(token_file))
+    with pytest.raises(ValueError, match="cannot read"):
+        read_token(None, str(tmp_path / "missing"))
