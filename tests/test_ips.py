@@ -1,0 +1,148 @@
+"""`spamsink ips`: the store read offline, with the API's filters and export formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sink.cli import main
+from tests.support import free_port, need_root, need_tool
+from tests.test_api import populate
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["ips", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def entries(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_table_lists_every_sender(tmp_path: Path, capsys):
+    populate(tmp_path)
+    code, out, err = run(capsys, "--data", str(tmp_path))
+    assert code == 0 and not err
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["ip", "last_seen", "sessions", "messages"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        "127.0.0.1", "192.0.2.1", "2001:db8::5", "192.0.2.2", "198.51.100.7"]
+    assert "pregreet,bare_lf" in lines[2]
+    code, out, _ = run(capsys, "--data", str(tmp_path), "--limit", "2")
+    assert len(out.splitlines()) == 3
+
+
+def test_filters_match_the_api(tmp_path: Path, capsys):
+    populate(tmp_path)
+    base = ["--data", str(tmp_path), "--format", "txt"]
+    assert entries(run(capsys, *base, "--min-messages", "2", "--sort", "volume")[1]) == [
+        "192.0.2.1", "2001:db8::5"]
+    assert entries(run(capsys, *base, "--flag", "pregreet", "--flag", "bare_lf")[1]) == [
+        "192.0.2.1"]
+    assert entries(run(capsys, *base, "--since", "2h", "--family", "4")[1]) == [
+        "127.0.0.1", "192.0.2.1", "192.0.2.2"]
+    assert entries(run(capsys, *base, "--until", "1d")[1]) == ["198.51.100.7"]
+
+
+def test_export_formats(tmp_path: Path, capsys):
+    populate(tmp_path)
+    base = ["--data", str(tmp_path), "--format"]
+    rows = list(csv.DictReader(io.StringIO(run(capsys, *base, "csv")[1])))
+    assert rows[1]["ip"] == "192.0.2.1" and rows[1]["flags"] == "pregreet bare_lf"
+    items = json.loads(run(capsys, *base, "json")[1])
+    assert [i["ip"] for i in items][:2] == ["127.0.0.1", "192.0.2.1"]
+    rbl = entries(run(capsys, *base, "rbldnsd")[1])
+    assert rbl[0].startswith(":127.0.0.2:") and rbl[1] == "127.0.0.2"
+    nft = run(capsys, *base, "nft")[1]
+    assert nft.startswith("#!/usr/sbin/nft -f\n")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--since", "soon"], "--since: not a time"),
+    (["--min-messages", "x"], "--min-messages: not a whole number"),
+    (["--flag", "nope"], "--flag: unknown flag 'nope'"),
+])
+def test_bad_filters_are_one_line(tmp_path: Path, capsys, args: list[str], message: str):
+    populate(tmp_path)
+    code, out, err = run(capsys, "--data", str(tmp_path), *args)
+    assert code == 2 and not out
+    assert err.startswith(f"spamsink ips: {message}")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_store_says_where_it_looked(tmp_path: Path, capsys):
+    code, _, err = run(capsys, "--data", str(tmp_path / "none"))
+    assert code == 2
+    assert "no store at" in err and "spamsink serve --data" in err
+
+
+def test_nft_export_loads_into_a_real_ruleset(tmp_path: Path, capsys):
+    """`spamsink ips --format nft` is a set nftables loads (in a namespace of our own)."""
+    need_root()
+    nft = need_tool("nft")
+    ip = need_tool("ip")
+    populate(tmp_path)
+    script = tmp_path / "senders.nft"
+    script.write_text(run(capsys, "--data", str(tmp_path), "--format", "nft")[1])
+    namespace = f"rec4-{os.getpid()}"
+    subprocess.run([ip, "netns", "add", namespace], check=True)
+    try:
+        def in_ns(*args: str) -> str:
+            return subprocess.run([ip, "netns", "exec", namespace, nft, *args], check=True,
+                                  capture_output=True, text=True).stdout
+        in_ns("-f", str(script))
+        in_ns("-f", str(script))  # reloading replaces, never fails or duplicates
+        listed = in_ns("list", "set", "inet", "spamsink", "senders_v4")
+        for address in ("192.0.2.1", "192.0.2.2", "198.51.100.7", "127.0.0.1"):
+            assert address in listed
+        assert "2001:db8::5" in in_ns("list", "set", "inet", "spamsink", "senders_v6")
+        # A rule can use it.
+        in_ns("add", "chain", "inet", "spamsink", "input",
+              "{ type filter hook input priority 0 ; }")
+        in_ns("add", "rule", "inet", "spamsink", "input", "ip", "saddr", "@senders_v4", "drop")
+    finally:
+        subprocess.run([ip, "netns", "delete", namespace], check=False)
+
+
+def test_rbldnsd_serves_the_export(tmp_path: Path, capsys):
+    """rbldnsd loads the ip4set and answers the RFC 5782 test query and a listed sender."""
+    rbldnsd = need_tool("rbldnsd")
+    need_tool("dig")
+    populate(tmp_path)
+    # rbldnsd refuses to run as root and then reads the zone as another user.
+    zone_dir = Path(tempfile.mkdtemp(prefix="rec4-rbl-"))
+    zone_dir.chmod(0o755)
+    zone = zone_dir / "senders.rbl"
+    zone.write_text(run(capsys, "--data", str(tmp_path), "--format", "rbldnsd")[1])
+    zone.chmod(0o644)
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    proc = subprocess.Popen([rbldnsd, "-n", "-f", *user, "-b", f"127.0.0.1/{port}",
+                             "-w", str(zone_dir), "bl.example:ip4set:senders.rbl"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def query(name: str) -> str:
+            for _ in range(50):
+                out = subprocess.run(["dig", "+short", "+tries=1", "+time=1", "-p", str(port),
+                                      "@127.0.0.1", name, "A"], capture_output=True,
+                                     text=True).stdout.strip()
+                if "timed out" not in out and "connection refused" not in out:
+                    return out
+            return out
+        assert query("2.0.0.127.bl.example") == "127.0.0.2"
+        assert query("1.2.0.192.bl.example") == "127.0.0.2"
+        assert query("1.0.0.127.bl.example") == ""  # RFC 5782: 127.0.0.1 is never listed
+        assert query("9.9.9.203.bl.example") == ""
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(zone_dir)
