@@ -83,7 +83,7 @@ class Ledger:
                          s.delayed, now))
             s.seen = s.passed = s.dropped = s.delayed = 0
             s.dirty = False
-        self.dirty = []
+        self.dirty.clear()
         if len(self.senders) > self.max_senders:
             # Their totals are in the store; the cached policy view is rebuilt on demand.
             self.senders.clear()

@@ -21,12 +21,12 @@ import errno
 import heapq
 import itertools
 import logging
-import select
 import socket
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from netfilterqueue import COPY_PACKET, NetfilterQueue
 
@@ -35,6 +35,10 @@ from netdrop.packet import parse
 from netdrop.policy import DELAY, DROP, Policy
 
 log = logging.getLogger("netdrop")
+
+# How often an idle consumer wakes up to release held packets and flush counters.
+IDLE_WAKE_DELAYS = 0.002
+IDLE_WAKE = 0.25
 
 # Enough for an IPv6 header with a few extension headers and a full TCP header.
 COPY_RANGE = 160
@@ -50,8 +54,8 @@ class QueueError(Exception):
     """The queue could not be bound or configured (one-line message)."""
 
 
-def set_fail_open(fd: int, queue_num: int, enabled: bool = True) -> None:
-    """Set or clear NFQA_CFG_F_FAIL_OPEN on the queue bound through netlink socket ``fd``."""
+def set_fail_open(sock: socket.socket, queue_num: int, enabled: bool = True) -> None:
+    """Set or clear NFQA_CFG_F_FAIL_OPEN on the queue bound through netlink socket ``sock``."""
     value = _NFQA_CFG_F_FAIL_OPEN if enabled else 0
     attrs = (struct.pack("=HH", 8, _NFQA_CFG_MASK) + struct.pack("!I", _NFQA_CFG_F_FAIL_OPEN)
              + struct.pack("=HH", 8, _NFQA_CFG_FLAGS) + struct.pack("!I", value))
@@ -59,7 +63,6 @@ def set_fail_open(fd: int, queue_num: int, enabled: bool = True) -> None:
     seq = int(time.time()) & 0x7FFFFFFF
     msg = struct.pack("=IHHII", 16 + len(body), _NFQNL_MSG_CONFIG,
                       _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body
-    sock = socket.fromfd(fd, socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
     try:
         sock.settimeout(2.0)
         sock.send(msg)
@@ -75,7 +78,7 @@ def set_fail_open(fd: int, queue_num: int, enabled: bool = True) -> None:
     except TimeoutError:
         raise QueueError(f"no answer setting fail-open on queue {queue_num}") from None
     finally:
-        sock.close()
+        sock.setblocking(True)
 
 
 @dataclass
@@ -110,67 +113,78 @@ class Consumer:
         self._heap: list[tuple[float, int, object]] = []
         self._seq = itertools.count()
         self._nfq: NetfilterQueue | None = None
-        self._next_flush = 0.0
-        self.on_tick: Callable[[], None] | None = None
+        self._sock: socket.socket | None = None
+        self._next_flush = self._due = 0.0
 
     def bind(self) -> None:
         """Bind the queue (before the rules exist, so no packet waits on us unbound)."""
         nfq = NetfilterQueue()
         try:
-            nfq.bind(self.config.queue_num, self._on_packet, max_len=self.config.queue_maxlen,
+            nfq.bind(self.config.queue_num, self._callback(), max_len=self.config.queue_maxlen,
                      mode=COPY_PACKET, range=COPY_RANGE)
         except OSError as exc:
             raise QueueError(f"cannot bind NFQUEUE {self.config.queue_num}: {exc} "
                              "(another netdrop on this queue? try --queue-num)") from None
         self._nfq = nfq
-        set_fail_open(nfq.get_fd(), self.config.queue_num, self.config.fail_open)
+        self._sock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW,
+                                   _NETLINK_NETFILTER)
+        set_fail_open(self._sock, self.config.queue_num, self.config.fail_open)
 
-    def _on_packet(self, pkt) -> None:  # type: ignore[no-untyped-def]
-        totals = self.totals
-        totals.seen += 1
-        fields = parse(pkt.get_payload())
-        if fields is None:
-            totals.other += 1
-            pkt.accept()
-            return
-        sender = self.ledger.senders.get(fields[0]) or self.ledger.sender(fields[0])
-        if not sender.dirty:
-            sender.dirty = True
-            self.ledger.dirty.append(sender)
-        sender.seen += 1
-        verdict = self.policy.decide(fields[2], fields[3], sender)
-        if verdict == DROP:
-            pkt.drop()
-            totals.dropped += 1
-            sender.dropped += 1
-        elif verdict == DELAY and totals.held < self.config.max_held:
-            heapq.heappush(self._heap, (time.monotonic() + self.policy.delay(),
-                                        next(self._seq), pkt))
-            totals.held += 1
-            totals.delayed += 1
-            sender.delayed += 1
-        else:
-            if verdict == DELAY:
-                totals.overflow += 1
-            pkt.accept()
-            totals.passed += 1
-            sender.passed += 1
-        if not totals.seen & 63:
-            self._tick(time.monotonic())
+    def _callback(self) -> Callable[[Any], None]:
+        """The per-packet function: a closure over everything it touches (no lookups)."""
+        totals, heap, policy, ledger = self.totals, self._heap, self.policy, self.ledger
+        senders, dirty, new_sender, decide = ledger.senders, ledger.dirty, ledger.sender, \
+            policy.decide
+        max_held, seq, monotonic, push, tick = self.config.max_held, self._seq, \
+            time.monotonic, heapq.heappush, self._tick
 
-    def _release(self, now: float) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            heapq.heappop(heap)[2].accept()  # type: ignore[attr-defined]
-            self.totals.held -= 1
+        def on_packet(pkt: Any) -> None:
+            totals.seen += 1
+            fields = parse(pkt.get_payload())
+            if fields is None:
+                totals.other += 1
+                pkt.accept()
+                return
+            sender = senders.get(fields[0]) or new_sender(fields[0])
+            if not sender.dirty:
+                sender.dirty = True
+                dirty.append(sender)
+            sender.seen += 1
+            verdict = decide(fields[2], fields[3], sender)
+            now = monotonic()
+            if verdict == DROP:
+                pkt.drop()
+                totals.dropped += 1
+                sender.dropped += 1
+            elif verdict == DELAY and totals.held < max_held:
+                due = now + policy.delay()
+                push(heap, (due, next(seq), pkt))
+                totals.held += 1
+                totals.delayed += 1
+                sender.delayed += 1
+                if due < self._due:
+                    self._due = due
+            else:
+                if verdict == DELAY:
+                    totals.overflow += 1
+                pkt.accept()
+                totals.passed += 1
+                sender.passed += 1
+            if now >= self._due:
+                tick(now)
+
+        return on_packet
 
     def _tick(self, now: float) -> None:
-        self._release(now)
+        """Release the held packets that are due; flush the counters when it is time."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            heapq.heappop(heap)[2].accept()
+            self.totals.held -= 1
         if now >= self._next_flush:
             self._next_flush = now + self.config.flush_interval
             self.flush()
-            if self.on_tick is not None:
-                self.on_tick()
+        self._due = min(self._next_flush, heap[0][0]) if heap else self._next_flush
 
     def flush(self) -> None:
         """Hand the per-sender counters that moved to the writer."""
@@ -179,17 +193,20 @@ class Consumer:
             self.writer.put(rows)
 
     def run(self) -> None:
-        """Serve the queue until an exception (e.g. from a signal handler) stops it."""
-        assert self._nfq is not None, "bind() first"
+        """Serve the queue until an exception (e.g. from a signal handler) stops it.
+
+        The queue's socket gets a receive timeout (``SO_RCVTIMEO``), so the blocking
+        receive loop of ``netfilterqueue`` returns when the queue is idle; under load the
+        packet callback itself releases due packets and flushes.
+        """
+        assert self._nfq is not None and self._sock is not None, "bind() first"
+        wake = IDLE_WAKE_DELAYS if self.policy.delay_rate else IDLE_WAKE
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                              struct.pack("@ll", 0, int(wake * 1e6)))
+        self._next_flush = self._due = time.monotonic() + self.config.flush_interval
         nfq = self._nfq
-        poller = select.poll()
-        poller.register(nfq.get_fd(), select.POLLIN)
-        self._next_flush = time.monotonic() + self.config.flush_interval
         while True:
-            now = time.monotonic()
-            due = min(self._next_flush, self._heap[0][0] if self._heap else self._next_flush)
-            if poller.poll(max(0, int((due - now) * 1000) + 1)):
-                nfq.run(block=False)
+            nfq.run(block=True)
             self._tick(time.monotonic())
 
     def close(self) -> None:
@@ -201,4 +218,7 @@ class Consumer:
             self.totals.held = 0
             self._nfq.unbind()
             self._nfq = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         self.flush()

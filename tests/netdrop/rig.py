@@ -183,6 +183,12 @@ class Rig:
             raise box["error"]
         return box["result"]
 
+    def start_in(self, ns: str, fn: Callable[..., Any], *args: Any) -> threading.Thread:
+        """Start ``fn(*args)`` on a daemon thread inside namespace ``ns`` (not joined)."""
+        thread = threading.Thread(target=self.call_in, args=(ns, fn, *args), daemon=True)
+        thread.start()
+        return thread
+
     def send(self, count: int = 1, size: int = 2000, source: str | None = None,
              host: str = SINK4, timeout: float = 60.0) -> SendResult:
         """Send mail from the sender namespace to the sink."""
