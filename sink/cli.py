@@ -17,7 +17,8 @@ from pathlib import Path
 from sink import __version__
 from sink.persona import PERSONAS, get_persona
 from sink.smtp import Limits
-from sink.tarpit import PRESETS, pacing_from_options
+from sink.sockopts import SocketCosts
+from sink.tarpit import PRESETS, WHO, Policy, pacing_from_options
 
 ENV_PREFIX = "SPAMSINK_"
 
@@ -141,6 +142,47 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="send replies at this many bytes per second (0 = off)")
     pacing.add_argument("--jitter", type=_fraction, default=None,
                         help="random spread of every delay, as a fraction of it")
+    pacing.add_argument("--pregreet-wait", type=_seconds, default=None,
+                        help="send a postscreen-style '220-' teaser and the banner this many "
+                        "seconds later; input before the banner flags the client as an early "
+                        "talker (0 = no teaser) [default: the preset's]")
+    pacing.add_argument("--tarpit-who", choices=WHO, default="flagged",
+                        help="'flagged': only senders with a bot signal (early talk, unasked "
+                        "pipelining, bare LF, non-SMTP, AUTH or relay attempts) or a bad record "
+                        "(repeat visits) are paced, first-time well-behaved senders get "
+                        "Postfix's timing; 'all': every sender is paced")
+    pacing.add_argument("--known-bad-sessions", type=_positive_int, default=10,
+                        help="sessions from one address after which it is paced from connect")
+    pacing.add_argument("--max-tarpitted", type=_positive_int, default=10_000,
+                        help="paced sessions at once per process; beyond it, normal pacing")
+    pacing.add_argument("--hold-cap", type=_seconds, default=600.0,
+                        help="seconds of pacing per session at most; each reply also stays "
+                        "under RFC 5321's client timeout for its stage (5 min greeting and "
+                        "commands, 2 min DATA, 10 min after the message)")
+    pacing.add_argument("--greylist", action="store_true",
+                        help="answer the first (client /24, sender, recipient) 450 as postgrey "
+                        "does and record who retries")
+    pacing.add_argument("--greylist-delay", type=_seconds, default=300.0,
+                        help="seconds before a retry of a greylisted triple is accepted")
+
+    costs = parser.add_argument_group(
+        "socket costs (Linux)",
+        "--mss and --rcvbuf are set on the listening socket and so apply to every session; "
+        "--window-clamp and --drop-rate apply to tarpitted sessions only, or to all with "
+        "--socket-costs-for all. --drop-rate needs root or CAP_NET_ADMIN.")
+    costs.add_argument("--mss", type=int, default=None, metavar="BYTES",
+                       help="TCP_MAXSEG advertised to clients (88-65535): they must send "
+                       "segments this small")
+    costs.add_argument("--rcvbuf", type=_bytes, default=None,
+                       help="SO_RCVBUF of the listener (kernel minimum 2304 after doubling): a "
+                       "small receive window for every client")
+    costs.add_argument("--window-clamp", type=_bytes, default=None,
+                       help="TCP_WINDOW_CLAMP per connection (kernel minimum 1152)")
+    costs.add_argument("--drop-rate", type=_fraction, default=0.0, metavar="P",
+                       help="drop this fraction of the client's packets with a BPF socket "
+                       "filter so it must retransmit (for hosts where netdrop cannot run)")
+    costs.add_argument("--socket-costs-for", choices=("tarpitted", "all"), default="tarpitted",
+                       help="who gets --window-clamp and --drop-rate")
 
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -173,8 +215,16 @@ def _settings(args: argparse.Namespace, argv: Sequence[str]):  # -> server.Setti
     pacing = pacing_from_options(
         args.tarpit, greeting_delay=args.greeting_delay, command_delay=args.reply_delay,
         data_delay=args.data_delay, stutter_bps=args.stutter, jitter=args.jitter,
+        pregreet_wait=args.pregreet_wait,
     )
+    policy = Policy(who=args.tarpit_who, max_tarpitted=args.max_tarpitted,
+                    hold_cap=args.hold_cap, known_bad_sessions=args.known_bad_sessions)
+    costs = SocketCosts(mss=args.mss, rcvbuf=args.rcvbuf, window_clamp=args.window_clamp,
+                        drop_rate=args.drop_rate, for_all=args.socket_costs_for == "all")
     return Settings(
+        policy=policy,
+        costs=costs,
+        greylist_delay=args.greylist_delay if args.greylist else None,
         smtp=[ListenAddress.parse(a) for a in (args.smtp or [":25"])],
         smtps=[ListenAddress.parse(a, 465) for a in (args.smtps or [])],
         data=args.data or default_data_dir(),

@@ -83,6 +83,7 @@ REPLY_KEYS = frozenset(
         "too_many_connections",  # reply and close, sent instead of the banner
         "shutdown",  # reply and close at server shutdown
         "session_too_long",  # reply and close
+        "greylisted",  # RCPT deferred by --greylist: {address} {domain} {sender} {client_ip}
     }
 )
 
@@ -236,6 +237,8 @@ POSTFIX = Persona(
             "too_many_connections": "421 4.7.0 {hostname} Error: too many connections",
             "shutdown": "421 4.3.2 {hostname} Service shutting down, closing transmission channel",
             "session_too_long": "421 4.4.2 {hostname} Error: timeout exceeded",
+            "greylisted": "450 4.2.0 <{address}>: Recipient address rejected: Greylisted, see "
+                          "http://postgrey.schweikert.ch/help/{domain}.html",
         }
     ),
     queue_id=hex_queue_id,
@@ -315,6 +318,9 @@ EXIM = Persona(
             "too_many_connections": "421 {hostname} Too many concurrent SMTP connections; please try again later.",
             "shutdown": "421 {hostname} Service not available - closing connection",
             "session_too_long": "421 {hostname} SMTP command timeout - closing connection",
+            # greylistd's suggested Exim ACL: "defer message = ..." (Exim sends 451)
+            "greylisted": "451 {client_ip} is not yet authorized to deliver mail from "
+                          "<{sender}> to <{address}>. Please try later.",
         }
     ),
     queue_id=exim_message_id,

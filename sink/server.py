@@ -24,11 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sink.greylist import Greylist
 from sink.persona import Persona
 from sink.record import DiscardRecords, RecordSink, SessionRecord
 from sink.sessionlog import SessionLogger
 from sink.smtp import ConnectionTracker, Limits, ServerContext, SMTPSession
-from sink.tarpit import Pacing, Tarpit
+from sink.sockopts import SocketCosts, SocketOptionError, apply_listener, check_connection_costs
+from sink.tarpit import Pacing, Policy, Tarpit
 from sink.tls import ensure_self_signed, load_context
 
 log = logging.getLogger("spamsink.server")
@@ -92,14 +94,17 @@ class Settings:
     grace: float = 10.0
     backlog: int = 1024
     argv: Sequence[str] = field(default_factory=list)
+    policy: Policy = field(default_factory=Policy)
+    costs: SocketCosts = field(default_factory=SocketCosts)
+    greylist_delay: float | None = None  # None: no greylisting
 
 
 def open_listener(address: ListenAddress, *, reuse_port: bool, backlog: int,
-                  listen: bool = True) -> socket.socket:
-    """A bound (and listening) TCP socket for ``address``.
+                  listen: bool = True, costs: SocketCosts | None = None) -> socket.socket:
+    """A bound (and listening) TCP socket for ``address``, with the listener ``costs``.
 
     Raises :class:`StartupError` with one line telling the user what to do when the
-    port may not be bound.
+    port may not be bound or a socket cost needs a privilege the process lacks.
     """
     host = address.host
     family = socket.AF_INET6 if (":" in host or host == "") and socket.has_ipv6 else socket.AF_INET
@@ -117,12 +122,17 @@ def open_listener(address: ListenAddress, *, reuse_port: bool, backlog: int,
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "" else 1)
         sock.bind((host or "::", address.port))
+        if costs is not None:
+            apply_listener(sock, costs)  # before listen(): inherited by accepted sockets
         if listen:
             sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise StartupError(_bind_advice(address, exc)) from None
+    except SocketOptionError as exc:
+        sock.close()
+        raise StartupError(f"{address}: {exc}") from None
     return sock
 
 
@@ -170,6 +180,11 @@ class SinkProcess:
         self.on_close = on_close
         self.servers: list[asyncio.Server] = []
         self.contexts: list[ServerContext] = []
+        #: This process's tarpit: pacing policy, budgets, reputation, cost counters.
+        self.tarpit = Tarpit(
+            settings.pacing, settings.policy, costs=settings.costs,
+            greylist=None if settings.greylist_delay is None else Greylist(settings.greylist_delay),
+        )
 
     async def start(self, sockets: list[tuple[socket.socket, bool]]) -> None:
         """Serve SMTP on ``sockets``: (listening socket, implicit TLS) pairs."""
@@ -177,13 +192,20 @@ class SinkProcess:
         loop = asyncio.get_running_loop()
         tls = tls_context(settings)
         tracker = ConnectionTracker()
-        tarpit = Tarpit(settings.pacing)
+        tarpit = self.tarpit
+        on_close = self.on_close
+        if on_close is None:
+            on_close = tarpit.observe
+        else:
+            def on_close(record: SessionRecord, first=on_close) -> None:
+                tarpit.observe(record)
+                first(record)
         for sock, implicit in sockets:
             ctx = ServerContext(
                 persona=settings.persona, hostname=settings.hostname, limits=settings.limits,
                 records=self.records, tarpit=tarpit, domains=settings.domains,
                 tls=tls if settings.starttls or implicit else None, implicit_tls=implicit,
-                tracker=tracker, on_close=self.on_close,
+                tracker=tracker, on_close=on_close,
             )
             self.contexts.append(ctx)
             server = await loop.create_server(
@@ -221,11 +243,16 @@ def bind_all(settings: Settings, *, reuse_port: bool,
     opened: list[tuple[socket.socket, bool]] = []
     try:
         for address in settings.smtp:
-            opened.append((open_listener(address, reuse_port=reuse_port,
+            opened.append((open_listener(address, reuse_port=reuse_port, costs=settings.costs,
                                          backlog=settings.backlog, listen=listen), False))
         for address in settings.smtps:
-            opened.append((open_listener(address, reuse_port=reuse_port,
+            opened.append((open_listener(address, reuse_port=reuse_port, costs=settings.costs,
                                          backlog=settings.backlog, listen=listen), True))
+        check_connection_costs(settings.costs)
+    except SocketOptionError as exc:
+        for sock, _ in opened:
+            sock.close()
+        raise StartupError(str(exc)) from None
     except StartupError:
         for sock, _ in opened:
             sock.close()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from sink.persona import Persona, rfc2822_now
 from sink.record import KEEP_ADDRESSES, EndReason, Flag, RecordSink, SessionRecord
-from sink.tarpit import Pacer, Stage, Tarpit
+from sink.tarpit import BOT_FLAGS, Pacer, Stage, Tarpit
 
 log = logging.getLogger("spamsink.smtp")
 
@@ -223,7 +223,7 @@ class SMTPSession(asyncio.Protocol):
         self._line = bytearray()
         self._skipping = False
         self._out: list[bytes] = []
-        self._held: tuple[bytes, float] | None = None
+        self._held: tuple[bytes, float, float] | None = None  # (rest, interval, held since)
         self._input = b""
         self._close_after = False
         self._esmtp = False
@@ -275,11 +275,15 @@ class SMTPSession(asyncio.Protocol):
         transport.set_write_buffer_limits(high=ctx.limits.buffer_bytes)  # type: ignore[attr-defined]
         if self._tls:
             self._note_tls()
-        self._pacer = ctx.tarpit.pacer_for(record.client_ip)
+        self._pacer = ctx.tarpit.pacer_for(record.client_ip, transport)
         if self._pacer is not None:
             record.flags |= Flag.TARPITTED
         self._timer = ctx.loop.call_later(ctx.limits.idle_timeout, self._check_timeouts)
-        self._reply(self._greeting(), Stage.GREETING)
+        greeting = self._greeting()
+        teaser = ctx.tarpit.pregreet_wait()
+        if teaser and greeting.startswith(b"220 "):
+            transport.write(b"220-" + greeting[4:])  # postscreen's pregreet test
+        self._reply(greeting, Stage.GREETING, teaser)
         self._flush()
 
     def _greeting(self) -> bytes:
@@ -302,6 +306,10 @@ class SMTPSession(asyncio.Protocol):
             self._timer = None
         if exc is not None and record.end_reason == EndReason.CLIENT_CLOSE:
             record.end_reason = EndReason.ERROR
+        if self._held is not None and self._held[2]:  # gave up waiting for our reply
+            record.waited = ctx.loop.time() - self._held[2]
+            record.held += record.waited
+        ctx.tarpit.closed(record, self._transport)
         record.commands = self._commands
         record.errors = self._errors
         ctx.records.submit(self._finish(record))
@@ -363,24 +371,30 @@ class SMTPSession(asyncio.Protocol):
 
     # -- output and pacing ----------------------------------------------------------
 
-    def _reply(self, data: bytes, stage: Stage = Stage.COMMAND) -> None:
-        """Queue one reply; the tarpit or the error sleep may hold it back."""
+    def _reply(self, data: bytes, stage: Stage = Stage.COMMAND, wait: float = 0.0) -> None:
+        """Queue one reply; the tarpit, ``wait`` or the error sleep may hold it back."""
         ctx = self._ctx
-        delay = ctx.persona.error_sleep if self._errors >= ctx.persona.soft_error_limit else 0.0
+        delay = wait + (ctx.persona.error_sleep if self._errors >= ctx.persona.soft_error_limit
+                        else 0.0)
         interval = 0.0
         pacer = self._pacer
+        record = self._record
+        if pacer is None and ctx.tarpit.escalates and record is not None \
+                and record.flags & BOT_FLAGS:
+            pacer = self._pacer = ctx.tarpit.escalate(self._transport)
+            if pacer is not None:
+                record.flags |= Flag.TARPITTED
         if pacer is not None:
-            delay += pacer.delay(stage)
-            interval = pacer.byte_interval()
+            paced, interval = pacer.pace(stage, record.held if record is not None else 0.0,
+                                         len(data))
+            delay += paced
         if not delay and not interval:
             self._out.append(data)
             return
         self._flush()
-        self._held = (data, interval)
-        if self._record is not None:
-            self._record.held += delay
+        self._held = (data, interval, ctx.loop.time())
         transport = self._transport
-        if transport is not None:
+        if transport is not None and self._greeted:  # before the banner: watch for pregreet
             transport.pause_reading()
         ctx.loop.call_later(delay, self._release)
 
@@ -390,17 +404,17 @@ class SMTPSession(asyncio.Protocol):
         transport = self._transport
         if held is None or transport is None or transport.is_closing():
             return
-        data, interval = held
+        data, interval, since = held
         if interval and len(data) > 1:
             transport.write(data[:1])
-            self._held = (data[1:], interval)
-            if self._record is not None:
-                self._record.held += interval
+            self._held = (data[1:], interval, since)
             self._ctx.loop.call_later(interval, self._release)
             return
         transport.write(data)
         self._held = None
         self._last_activity = self._ctx.loop.time()
+        if since and self._record is not None:
+            self._record.held += self._last_activity - since
         if self._greeted is False:
             self._greeted = True
         if self._close_after:
@@ -768,6 +782,16 @@ class SMTPSession(asyncio.Protocol):
                 record.flags |= Flag.RELAY_ATTEMPT
             self._error(ctx.reply("relay_denied", address=text))
             return
+        greylist = ctx.tarpit.greylist
+        if greylist is not None and record is not None:
+            sender = record.mail_from[-1] if record.mail_from else ""
+            verdict = greylist.check(record.client_ip, sender, text)
+            record.flags |= verdict
+            if verdict & Flag.GREYLISTED:
+                self._error(ctx.reply("greylisted", address=text, sender=sender,
+                                      domain=text.rpartition("@")[2] or ctx.hostname,
+                                      client_ip=record.client_ip))
+                return
         self._rcpts += 1
         if record is not None:
             record.recipients += 1
@@ -790,7 +814,7 @@ class SMTPSession(asyncio.Protocol):
         self._mode = _DATA
         self._data_bytes = 0
         self._data_tail = b"\r\n"
-        self._reply(ctx.reply("data_ok"))
+        self._reply(ctx.reply("data_ok"), Stage.DATA_INIT)
 
     def _bdat_cmd(self, arg: bytes) -> None:
         ctx = self._ctx
@@ -908,7 +932,7 @@ class SMTPSession(asyncio.Protocol):
         self._flush()
         # RFC 3207: anything the client pipelined after STARTTLS is discarded.
         self._input = b""
-        self._held = (b"", 0.0)  # stop processing until the handshake is done
+        self._held = (b"", 0.0, 0.0)  # stop processing until the handshake is done
         transport = self._transport
         if transport is not None:
             transport.pause_reading()
