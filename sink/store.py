@@ -93,6 +93,9 @@ CREATE TABLE buckets (
 INSERT INTO buckets SELECT CAST(end / 10 AS INTEGER) * 10, count(*), sum(messages), sum(bytes)
     FROM sessions GROUP BY 1;
 """),
+    (3, """
+ALTER TABLE sessions ADD COLUMN waited REAL NOT NULL DEFAULT 0;
+"""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -223,7 +226,7 @@ SESSION_COLUMNS = ("id", "start", "end", "client_ip", "client_port", "local_ip",
                    "local_port", "persona", "helo", "tls_version", "tls_cipher", "mail_from",
                    "recipients", "first_recipients", "messages", "bytes", "commands", "errors",
                    "bare_lf", "bare_cr", "flags", "end_reason", "held", "segments_in",
-                   "retransmits", "last_stage")
+                   "retransmits", "last_stage", "waited")
 _LIST_COLUMNS = ("mail_from", "first_recipients")
 
 
@@ -303,7 +306,7 @@ _SESSION_ROW = attrgetter(
     "start", "end", "client_ip", "client_port", "local_ip", "local_port", "persona", "helo",
     "tls_version", "tls_cipher", "mail_from", "recipients", "first_recipients", "messages",
     "bytes", "commands", "errors", "bare_lf", "bare_cr", "flags", "end_reason", "held",
-    "segments_in", "retransmits", "last_stage")
+    "segments_in", "retransmits", "last_stage", "waited")
 _INSERT_SESSION = (f"INSERT INTO sessions ({', '.join(SESSION_COLUMNS[1:])}) "
                    f"VALUES ({', '.join('?' * (len(SESSION_COLUMNS) - 1))})")
 #: Per-IP aggregates of a batch, added to the stored ones. Unqualified names in SET

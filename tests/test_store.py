@@ -166,21 +166,23 @@ def test_migration_from_empty_creates_the_current_schema(tmp_path: Path):
     assert versions == [v for v, _ in MIGRATIONS]
 
 
-def test_migration_from_the_previous_schema_keeps_and_backfills_data(tmp_path: Path):
+_V1_SESSION = ("INSERT INTO sessions (start, end, client_ip, client_port, local_ip, "
+               "local_port, persona, helo, tls_version, tls_cipher, mail_from, recipients, "
+               "first_recipients, messages, bytes, commands, errors, bare_lf, bare_cr, flags, "
+               "end_reason, held, segments_in, retransmits, last_stage) VALUES (?, ?, "
+               "'192.0.2.1', 1, ?, 25, 'postfix', 'h', '', '', '', 2, '', 1, 250, 5, 0, 0, 0, "
+               "1, 'quit', 0, 0, 0, 'quit')")
+
+
+def test_migration_from_version_1_keeps_and_backfills_data(tmp_path: Path):
     path = store_path(tmp_path)
     conn = sqlite3.connect(path, isolation_level=None)
-    previous = MIGRATIONS[-2][0]
-    assert migrate(conn, target=previous) == previous
-    # Data as the previous schema's writer left it.
+    assert migrate(conn, target=1) == 1
+    # Data as the version 1 writer left it: no ip_locals, totals or buckets yet.
     conn.execute("INSERT INTO ips (ip, first_seen, last_seen, sessions, messages, recipients, "
                  "bytes, helo, flags) VALUES ('192.0.2.1', 100, 200, 2, 3, 4, 500, 'h', 1)")
     for local, end in (("198.51.100.1", 150.0), ("198.51.100.2", 200.0)):
-        conn.execute("INSERT INTO sessions (start, end, client_ip, client_port, local_ip, "
-                     "local_port, persona, helo, tls_version, tls_cipher, mail_from, "
-                     "recipients, first_recipients, messages, bytes, commands, errors, bare_lf,"
-                     " bare_cr, flags, end_reason, held, segments_in, retransmits, last_stage) "
-                     "VALUES (?, ?, '192.0.2.1', 1, ?, 25, 'postfix', 'h', '', '', '', 2, '', "
-                     "1, 250, 5, 0, 0, 0, 1, 'quit', 0, 0, 0, 'quit')", (end - 1, end, local))
+        conn.execute(_V1_SESSION, (end - 1, end, local))
     conn.close()
     with pytest.raises(StoreError, match="start `spamsink serve` once"):
         open_reader(tmp_path)
@@ -191,7 +193,31 @@ def test_migration_from_the_previous_schema_keeps_and_backfills_data(tmp_path: P
     row = reader.ip("192.0.2.1")["row"]
     assert row[3:7] == (3, 4, 5, 1500)
     assert row[9] == 3  # local addresses: two backfilled from sessions, one new
-    assert reader.stats(400.0)["totals"]["sessions"] == 3
+    stats = reader.stats(400.0)
+    assert stats["totals"]["sessions"] == 3
+    assert stats["rates"]["24h"]["sessions"] == 3  # buckets backfilled from sessions
+
+
+def test_migration_from_the_previous_schema(tmp_path: Path):
+    previous = MIGRATIONS[-2][0]
+    conn = sqlite3.connect(store_path(tmp_path), isolation_level=None)
+    assert migrate(conn, target=previous) == previous
+    conn.execute(_V1_SESSION, (99.0, 100.0, "198.51.100.1"))
+    conn.execute("INSERT INTO ips (ip, first_seen, last_seen, sessions, messages, recipients, "
+                 "bytes, helo, flags) VALUES ('192.0.2.1', 99, 100, 1, 1, 2, 250, 'h', 1)")
+    conn.execute("INSERT INTO ip_locals VALUES ('192.0.2.1', '198.51.100.1')")
+    conn.execute("UPDATE totals SET sessions = 1, messages = 1, recipients = 2, bytes = 250")
+    conn.close()
+    writer = open_writer(tmp_path)
+    newer = session("192.0.2.1", end=300.0)
+    newer.waited = 2.5
+    writer.write([newer])
+    writer.close()
+    reader = open_reader(tmp_path)
+    found = reader.ip("192.0.2.1")
+    assert [s["waited"] for s in found["recent_sessions"]] == [2.5, 0.0]
+    assert found["row"][3] == 2 and found["row"][9] == 1
+    assert reader.stats(400.0)["totals"]["sessions"] == 2
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path):
