@@ -219,7 +219,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="capacity window per mode")
     ap.add_argument("--streams", type=int, default=8, help="parallel bulk TCP streams")
-    ap.add_argument("--connections", type=int, default=5, help="SMTP connections per config")
+    ap.add_argument("--connections", type=int, default=10, help="SMTP connections per config")
     ap.add_argument("--messages", type=int, default=2, help="messages per connection")
     ap.add_argument("--size", type=int, default=20_000, help="bytes per message")
     ap.add_argument("--skip", choices=("micro", "capacity", "cost"), action="append",

@@ -31,7 +31,7 @@ from tests.support import spamsink_command
 
 T = TypeVar("T")
 
-SENDER4, SENDER4_B, SINK4 = "10.203.0.1", "10.203.0.3", "10.203.0.2"
+SENDER4, SENDER4_B, SENDER4_C, SINK4 = "10.203.0.1", "10.203.0.3", "10.203.0.4", "10.203.0.2"
 SENDER6, SENDER6_B, SINK6 = "fd0d:203::1", "fd0d:203::3", "fd0d:203::2"
 SMTP_PORT = 2525
 
@@ -109,6 +109,7 @@ class Rig:
         self.sender_ns, self.sink_ns = f"nd-s-{n}", f"nd-k-{n}"
         self.workdir = workdir
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.sink_data: Path | None = None
         self._veth = f"ndv{os.getpid() % 100000}{next(_ids)}"[:15]
 
     def __enter__(self) -> Rig:
@@ -127,7 +128,7 @@ class Rig:
         _ip("netns", "add", s)
         _ip("netns", "add", k)
         _ip("link", "add", a, "netns", s, "type", "veth", "peer", "name", b, "netns", k)
-        for ns, dev, addrs in ((s, a, (SENDER4, SENDER4_B, SENDER6, SENDER6_B)),
+        for ns, dev, addrs in ((s, a, (SENDER4, SENDER4_B, SENDER4_C, SENDER6, SENDER6_B)),
                                (k, b, (SINK4, SINK6))):
             _ip("-n", ns, "link", "set", "lo", "up")
             for addr in addrs:
@@ -211,6 +212,7 @@ class Rig:
     def start_sink(self, data: Path) -> subprocess.Popen[bytes]:
         """The real ``spamsink serve`` on :2525 (v4 and v6) in the sink namespace."""
         data.mkdir(parents=True, exist_ok=True)
+        self.sink_data = data
         proc = self.popen(self.sink_ns, [*spamsink_command(), "serve", "--smtp",
                                          f"0.0.0.0:{SMTP_PORT}", "--smtp", f"[::]:{SMTP_PORT}",
                                          "--data", str(data), "--hostname", "mx.example.com",

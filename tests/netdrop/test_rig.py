@@ -7,6 +7,7 @@ what the sender paid. Needs root, ``ip``, ``iptables`` and the NetfilterQueue bi
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import smtplib
@@ -22,6 +23,7 @@ import pytest
 from tests.netdrop.rig import (
     SENDER4,
     SENDER4_B,
+    SENDER4_C,
     SENDER6,
     SINK4,
     SINK6,
@@ -148,6 +150,36 @@ def test_only_flagged_leaves_other_senders_untouched(rig: Rig, data: Path) -> No
     assert clean.total_retrans == 0
     assert hit.total_retrans > 0 and counts[SENDER4_B][2] > 0
     assert now_hit.total_retrans > 0 and counts[SENDER4][2] > 0
+
+
+def _api(rig: Rig, path: str) -> object:
+    def fetch() -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:8025{path}", timeout=5) as r:
+            body = r.read().decode()
+            return json.loads(body) if "json" in r.headers.get("Content-Type", "") else body
+    return rig.call_in(rig.sink_ns, fetch)
+
+
+def test_only_flagged_from_the_sink_api_and_counts_shown_there(rig: Rig) -> None:
+    assert rig.sink_data is not None
+    proc = rig.start_netdrop("--rate", "0.3", "--only-flagged", "--min-messages", "1",
+                             "--sink-api", "http://127.0.0.1:8025", "--refresh", "0.3",
+                             "--data", str(rig.sink_data))
+    try:
+        first = rig.send(1, 20_000, source=SENDER4_C)  # unknown to the sink: untouched
+        deadline = time.monotonic() + 15
+        while SENDER4_C not in str(_api(rig, "/api/v1/export?format=txt&min_messages=1")):
+            assert time.monotonic() < deadline, "the sink never listed the sender"
+            time.sleep(0.2)
+        time.sleep(1.0)  # netdrop's next refresh
+        second = rig.send(2, 20_000, source=SENDER4_C)
+        time.sleep(1.5)  # netdrop flushes its counts every second
+        shown = _api(rig, f"/api/v1/ips/{SENDER4_C}")
+    finally:
+        assert stop(proc) == 0
+    assert first.total_retrans == 0
+    assert second.total_retrans > 0
+    assert isinstance(shown, dict) and shown["netdrop"]["dropped"] > 0, shown
 
 
 def test_allowlisted_addresses_never_reach_the_queue(rig: Rig, data: Path) -> None:
