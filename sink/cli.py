@@ -184,6 +184,21 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     costs.add_argument("--socket-costs-for", choices=("tarpitted", "all"), default="tarpitted",
                        help="who gets --window-clamp and --drop-rate")
 
+    memory = parser.add_argument_group("recording and HTTP API")
+    memory.add_argument("--api", default="127.0.0.1:8025", metavar="ADDR",
+                        help="HTTP API, exports and /metrics; 'off' for none. Listening "
+                        "beyond loopback needs --api-token")
+    memory.add_argument("--api-token", default=None, metavar="TOKEN",
+                        help="require 'Authorization: Bearer TOKEN' on every API request "
+                        "(DELETE always needs one)")
+    memory.add_argument("--api-token-file", default=None, metavar="FILE",
+                        help="read the API token from the first line of FILE")
+    memory.add_argument("--retain-sessions", type=_seconds, default=30 * 86400.0,
+                        metavar="DURATION", help="delete sessions older than this (per-sender "
+                        "aggregates are kept); 0 keeps them forever [default: 30d]")
+    memory.add_argument("--no-record", dest="record", action="store_false",
+                        help="record nothing (no store writes; the API still serves the store)")
+
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-format", choices=("text", "json"), default="text",
                       help="format of log lines, including the one per session")
@@ -241,7 +256,23 @@ def _settings(args: argparse.Namespace, argv: Sequence[str]):  # -> server.Setti
         grace=args.grace,
         backlog=args.backlog,
         argv=_without_worker_options(argv),
+        record=args.record,
+        retain_sessions=args.retain_sessions,
+        **_api_settings(args),
     )
+
+
+def _api_settings(args: argparse.Namespace) -> dict[str, object]:
+    """``api`` and ``api_token`` for Settings; ValueError for an exposed API sans token."""
+    from sink.api import check_exposure, read_token
+    from sink.server import ListenAddress
+
+    token = read_token(args.api_token, args.api_token_file)
+    if args.api.strip().lower() in ("off", "none", ""):
+        return {"api": None, "api_token": token}
+    api = ListenAddress.parse(args.api, default_port=8025)
+    check_exposure(api.host, api.port, token)
+    return {"api": api, "api_token": token}
 
 
 def _without_worker_options(argv: Sequence[str]) -> list[str]:
@@ -275,6 +306,19 @@ def _run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (StartupError, ValueError) as exc:
         print(f"spamsink: {exc}", file=sys.stderr)
         return 2
+
+
+def _add_ips(subparsers: argparse._SubParsersAction) -> None:
+    from sink.ips import add_arguments
+
+    parser = subparsers.add_parser(
+        "ips",
+        help="list or export recorded senders from the store (offline)",
+        description="Read the senders spamsink serve recorded in --data, also while it "
+        "runs, with the API's filters; print a table or an export format.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
 
 
 def _add_version(subparsers: argparse._SubParsersAction) -> None:
@@ -318,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spamsink {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(subparsers)
+    _add_ips(subparsers)
     _add_version(subparsers)
     for name, sub in subparsers.choices.items():
         _apply_environment(sub, name)

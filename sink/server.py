@@ -27,6 +27,7 @@ from pathlib import Path
 from sink.greylist import Greylist
 from sink.persona import Persona
 from sink.record import DiscardRecords, RecordSink, SessionRecord
+from sink.recording import Recording, WorkerFleet, start_api
 from sink.sessionlog import SessionLogger
 from sink.smtp import ConnectionTracker, Limits, ServerContext, SMTPSession
 from sink.sockopts import SocketCosts, SocketOptionError, apply_listener, check_connection_costs
@@ -97,6 +98,11 @@ class Settings:
     policy: Policy = field(default_factory=Policy)
     costs: SocketCosts = field(default_factory=SocketCosts)
     greylist_delay: float | None = None  # None: no greylisting
+    #: Recording (sink/recording.py) and the HTTP API (sink/api.py).
+    record: bool = True
+    retain_sessions: float = 30 * 86400.0  # 0 keeps sessions forever
+    api: ListenAddress | None = None  # None: no API
+    api_token: str | None = None
 
 
 def open_listener(address: ListenAddress, *, reuse_port: bool, backlog: int,
@@ -278,7 +284,13 @@ async def _serve_forever(settings: Settings, reuse_port: bool) -> None:
         loop.add_signal_handler(signum, stop.set)
     sockets = bind_all(settings, reuse_port=reuse_port)
     session_log = SessionLogger()
-    process = SinkProcess(settings, records=DiscardRecords(), on_close=session_log.write)
+    recording = (Recording.open(settings.data, retain=settings.retain_sessions)
+                 if settings.record else None)
+    process = SinkProcess(settings, records=recording.records if recording else DiscardRecords(),
+                          on_close=session_log.write)
+    if recording is not None:
+        recording.active = lambda: process.active_sessions
+    api = await start_api(settings, recording) if settings.worker_index is None else None
     await process.start(sockets)
     names = ", ".join(str(a) for a in settings.smtp + settings.smtps)
     log.info("spamsink %s listening on %s as %s (%s persona)",
@@ -287,6 +299,10 @@ async def _serve_forever(settings: Settings, reuse_port: bool) -> None:
     await stop.wait()
     log.info("shutting down: letting sessions finish for up to %.0f s", settings.grace)
     await process.stop()
+    if recording is not None:
+        await asyncio.to_thread(recording.close)  # writes every queued record
+    if api is not None:
+        await api.stop()
 
 
 def run(settings: Settings) -> int:
@@ -310,6 +326,8 @@ def _supervise(settings: Settings) -> int:
     for sock, _ in bind_all(settings, reuse_port=True, listen=False):
         sock.close()
     tls_context(settings)  # create the self-signed pair once, before workers race for it
+    # Store created once, workers' metrics in one directory, the API served from here.
+    fleet = WorkerFleet(settings)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -331,6 +349,7 @@ def _supervise(settings: Settings) -> int:
                 continue
             delay = 1.0 if time.monotonic() - restarts.get(index, 0.0) < 5 else 0.0
             log.warning("worker %d exited with status %s; restarting it", index, status)
+            fleet.worker_exited(proc.pid)
             time.sleep(delay)
             restarts[index] = time.monotonic()
             workers[index] = subprocess.Popen(_worker_command(settings, index))
@@ -344,6 +363,7 @@ def _supervise(settings: Settings) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    fleet.close()
     return 0
 
 

@@ -56,8 +56,12 @@ class SinkProcess:
         self.port = free_port(host)
         self.data = data
         address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        # The HTTP API on its own free port (its default, 8025, would clash between tests).
+        self.api_port = free_port("127.0.0.1")
+        api = [] if any(a == "--api" or a.startswith("--api=") for a in args) else [
+            "--api", f"127.0.0.1:{self.api_port}"]
         self.command = [*spamsink_command(), "serve", "--smtp", address, "--data", str(data),
-                        "--hostname", "mx.example.com", *args]
+                        "--hostname", "mx.example.com", *api, *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data / "serve.log"
