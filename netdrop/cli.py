@@ -194,9 +194,16 @@ def _spec(args: argparse.Namespace) -> RuleSpec:
                     syn=args.syn, fin=args.fin, allow=tuple(args.allow))
 
 
+def _cleanup(rules: Rules) -> None:
+    if rules.cleanup():
+        log.warning("netdrop: removed leftover rules of an earlier run (queue %d)",
+                    rules.spec.queue_num)
+
+
 def _run_kernel(args: argparse.Namespace, rules: Rules) -> int:
     from netdrop import metrics
 
+    _cleanup(rules)
     rules.install_kernel_drop(args.rate)
     log.info("netdrop: kernel drop %.3f of segments to port(s) %s via %s",
              args.rate, ",".join(map(str, rules.spec.ports)), rules.used)
@@ -237,7 +244,8 @@ def _run_queue(args: argparse.Namespace, rules: Rules) -> int:
                                             max_held=args.max_held, fail_open=args.fail_open),
                         Ledger(), writer)
     try:
-        consumer.bind()
+        consumer.bind()  # fails if a live netdrop serves this queue: its rules stay
+        _cleanup(rules)
         if refresher is not None:
             refresher.start()
         if args.metrics:
@@ -289,9 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     atexit.register(rules.remove)
     _install_signals()
     try:
-        if rules.cleanup():
-            log.warning("netdrop: removed leftover rules of an earlier run (queue %d)",
-                        args.queue_num)
         return _run_kernel(args, rules) if args.kernel else _run_queue(args, rules)
     except Shutdown:
         return 0

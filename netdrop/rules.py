@@ -168,7 +168,12 @@ class Rules:
             nft.run(f"delete table inet {self.spec.table}")
             found = True
         except NftError:
-            pass
+            try:
+                nft.run(f"list table inet {self.spec.table}")
+            except NftError:
+                return found  # no such table
+            raise RulesError(f"table inet {self.spec.table} belongs to another running "
+                             f"netdrop (use another --queue-num)") from None
         finally:
             nft.close()
         return found

@@ -320,3 +320,31 @@ def test_nft_queue_mechanism_fails_clearly_or_works(rig: Rig, data: Path) -> Non
                          "(needs CONFIG_NFT_QUEUE): Error: Could not process rule: "
                          "No such file or directory"], lines
     _assert_clean(rig)
+
+
+def test_kernel_mode_xtables_fallback(rig: Rig, data: Path) -> None:
+    proc = rig.start_netdrop("--kernel", "--rate", "0.3", "--mechanism", "iptables")
+    try:
+        assert "-m statistic --mode random --probability 0.29999" in rig.rules_text()
+        result = rig.send(2, 20_000, source=SENDER4)
+    finally:
+        assert stop(proc) == 0
+    assert result.total_retrans > 0
+    _assert_clean(rig)
+
+
+@pytest.mark.parametrize("mode", [[], ["--kernel"]], ids=["queue", "kernel"])
+def test_a_second_netdrop_on_the_same_queue_fails_and_leaves_the_first_alone(
+        rig: Rig, data: Path, mode: list[str]) -> None:
+    first = rig.start_netdrop("--rate", "0.1", *mode)
+    before = rig.rules_text()
+    log = data / "second.log"
+    second = rig.start_netdrop("--rate", "0.2", *mode, log=log, wait=False)
+    try:
+        assert second.wait(10) == 1
+        assert rig.rules_text() == before
+        message = log.read_text().strip().splitlines()[-1]
+        assert message.startswith("netdrop: ") and ("another" in message), message
+    finally:
+        assert stop(first) == 0
+    _assert_clean(rig)
