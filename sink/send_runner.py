@@ -1,0 +1,233 @@
+"""One process's share of a ``spamsink send`` run, on one event loop.
+
+Contract: :meth:`Runner.run` drives ``config.senders`` concurrent senders (or a hold),
+each opening connections one after another while the pool gives tickets, and returns
+a :class:`RunResult` whose counters obey ``sent + failed + unfinished + not_attempted
+== -n`` for a counted run. Connection attempts and every awaited reply time out after
+``--timeout`` (a sweep over open sessions, several times per timeout, no timer per
+command). SIGINT/SIGTERM stop the run early (``interrupted``). ``publish``, when given,
+is called a few times a second with (sent, failed, open connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sink.send_body import MessageSource
+from sink.send_config import SendConfig
+from sink.send_dialogue import Dialogue
+from sink.send_hold import HoldResult, run_hold
+from sink.send_pace import CountPool, DeadlinePool, PausePacer, RatePacer
+from sink.send_session import SenderSession, SessionContext
+from sink.send_source import SourceRotation, bound_socket
+from sink.send_stats import CONNECT, TLS, Stats
+
+PUBLISH_INTERVAL = 0.2
+
+
+@dataclass(slots=True)
+class RunResult:
+    """What a run (or one worker's share) measured."""
+
+    stats: Stats
+    hold: HoldResult | None = None
+    interrupted: bool = False
+    #: Tickets of a counted run never put on the wire (after an interrupt).
+    not_attempted: int = 0
+
+    def merge(self, other: RunResult) -> None:
+        self.stats.merge(other.stats)
+        if other.hold is not None:
+            if self.hold is None:
+                self.hold = HoldResult(0, other.hold.interval)
+            self.hold.merge(other.hold)
+        self.interrupted = self.interrupted or other.interrupted
+        self.not_attempted += other.not_attempted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stats": self.stats.to_dict(),
+                "hold": self.hold.to_dict() if self.hold else None,
+                "interrupted": self.interrupted, "not_attempted": self.not_attempted}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        hold = HoldResult.from_dict(data["hold"]) if data["hold"] else None
+        return cls(Stats.from_dict(data["stats"]), hold, data["interrupted"],
+                   data["not_attempted"])
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """A client context that accepts any certificate: a load tester talks to test and
+    trap servers with self-signed certificates, and sends nothing secret."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _connect_cause(exc: OSError) -> str:
+    """``refused``, or the errno name (``ehostunreach``, ``eaddrnotavail``, ...)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    return errno.errorcode.get(exc.errno, "error").lower() if exc.errno else "error"
+
+
+class Runner:
+    """Senders (or a hold) of one process; see the module contract."""
+
+    def __init__(self, config: SendConfig, *, worker_prefix: str = "",
+                 publish: Callable[[int, int, int], None] | None = None) -> None:
+        self.config = config
+        self.stats = Stats()
+        self._worker_prefix = worker_prefix
+        self._publish = publish
+        self.stopped = False
+        self._interrupt_reason = ""
+        self.ctx: SessionContext
+        self.pool: CountPool | DeadlinePool
+        self.stopping: asyncio.Event
+        self._sources = (SourceRotation(config.sources, config.worker)
+                         if config.sources else None)
+        self._ssl = client_tls_context() if config.tls or config.starttls else None
+
+    async def run(self) -> RunResult:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        start = time.perf_counter()
+        if config.count is not None:
+            self.pool = CountPool(config.count)
+        else:
+            assert config.duration is not None
+            self.pool = DeadlinePool(start + config.duration)
+        pacer: RatePacer | PausePacer | None = None
+        if config.hold is not None:
+            pacer = PausePacer(config.hold_pause)
+        elif config.rate:
+            pacer = RatePacer(config.rate)
+        dialogue = None
+        if config.verbose:
+            dialogue = Dialogue(2 if config.json else 1, config.verbose, self._worker_prefix)
+        messages = MessageSource(sender=config.sender, recipient=config.recipient,
+                                 subject=config.subject, body_bytes=config.body_bytes,
+                                 bodies=config.bodies, offset=config.worker)
+        self.ctx = SessionContext(config, self.stats, messages, self.pool, pacer, dialogue,
+                                  self._ssl)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.interrupt, "interrupted")
+        helpers = [asyncio.create_task(self._sweep())]
+        if self._publish is not None:
+            helpers.append(asyncio.create_task(self._publisher()))
+        hold = None
+        try:
+            if config.hold is not None:
+                hold = await run_hold(self, start + config.duration)  # type: ignore[operator]
+            else:
+                await asyncio.gather(*(self._sender(pacer if config.rate else None)
+                                       for _ in range(config.senders)))
+        finally:
+            for task in helpers:
+                task.cancel()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+        self.stats.finished = time.perf_counter()
+        if self._publish is not None:
+            self._publish(self.stats.sent, self.stats.failed, 0)
+        interrupted = self._interrupt_reason == "interrupted"
+        return RunResult(self.stats, hold, interrupted, self.pool.remaining)
+
+    def interrupt(self, reason: str) -> None:
+        """Stop now: no new messages or connections; open sessions are closed."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self._interrupt_reason = reason
+        self.stopping.set()
+        self.pool.close()
+        for session in list(self.ctx.active):
+            session.stop(reason)
+
+    async def _sender(self, pacer: RatePacer | None) -> None:
+        pool, per_connection = self.pool, self.config.per_connection
+        while not self.stopped:
+            tickets = pool.reserve(per_connection)
+            if not tickets:
+                return
+            if pacer is not None:
+                delay = pacer.delay()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    if self.stopped:
+                        pool.give_back(tickets)
+                        return
+            session = await self.open_session(tickets - 1)
+            if session is not None:
+                await session.done
+
+    async def open_session(self, reserved: int) -> SenderSession | None:
+        """Connect one session for the message whose ticket the caller took and
+        ``reserved`` more; ``None`` when the connection could not be made: then the
+        first message failed and the reserved tickets went back to the pool."""
+        config, stats, loop = self.config, self.stats, asyncio.get_running_loop()
+        started = time.perf_counter()
+        if started < stats.started:
+            stats.started = started
+        session = SenderSession(self.ctx, started, reserved)
+        stage, cause = CONNECT, ""
+        try:
+            async with asyncio.timeout(config.timeout):
+                if self._sources is not None:
+                    sock = bound_socket(self._sources.next())
+                    try:
+                        await loop.sock_connect(sock, config.sockaddr)
+                    except BaseException:
+                        sock.close()
+                        raise
+                    await loop.create_connection(
+                        lambda: session, sock=sock, ssl=self._ssl if config.tls else None,
+                        server_hostname=self.ctx.server_hostname if config.tls else None)
+                else:
+                    await loop.create_connection(
+                        lambda: session, config.sockaddr[0], config.port,
+                        ssl=self._ssl if config.tls else None,
+                        server_hostname=self.ctx.server_hostname if config.tls else None)
+        except TimeoutError:
+            cause = "timeout"
+        except ssl.SSLError:
+            stage, cause = TLS, "error"
+        except OSError as exc:
+            cause = _connect_cause(exc)
+        if cause:
+            stats.connections_failed += 1
+            stats.fail(stage, cause)
+            self.pool.give_back(reserved)
+            if self.ctx.dialogue is not None:
+                self.ctx.dialogue.note(session.number, f"connect failed: {cause}")
+            return None
+        if self.stopped:
+            session.stop(self._interrupt_reason)
+        return session
+
+    async def _sweep(self) -> None:
+        """Time out sessions whose awaited reply is late (see the module contract)."""
+        tick = min(1.0, max(0.01, self.config.timeout / 10))
+        active = self.ctx.active
+        while True:
+            await asyncio.sleep(tick)
+            now = time.perf_counter()
+            for session in [s for s in active if s.deadline < now]:
+                session.timed_out()
+
+    async def _publisher(self) -> None:
+        assert self._publish is not None
+        stats, active = self.stats, self.ctx.active
+        while True:
+            self._publish(stats.sent, stats.failed, len(active))
+            await asyncio.sleep(PUBLISH_INTERVAL)

@@ -1,0 +1,580 @@
+"""One SMTP client connection of ``spamsink send``: an ``asyncio.Protocol`` state machine.
+
+Contract:
+
+* A :class:`SenderSession` is created by the runner after it took the ticket of the
+  connection's first message; it sends up to ``-m`` messages, taking one more ticket
+  from the pool before each later one, then QUIT. Every message it took ends in
+  exactly one of: ``stats.sent``, ``stats.fail(stage, cause)``, ``stats.unfinished``
+  (:meth:`stop`), or back in the pool (taken but never put on the wire).
+* Replies are parsed fully (multi-line, split over reads, several per read); each one
+  is matched to the command it answers and its wait is added to that stage's latency.
+* With ``--pipelining`` and a server offering PIPELINING, MAIL, the RCPTs and DATA go
+  in one write, and the message text is sent together with the next message's
+  commands (or QUIT), as RFC 2920 allows: about one round trip per message.
+* ``deadline`` is the ``perf_counter()`` time by which the awaited reply must arrive
+  (infinite while nothing is awaited); the runner's sweep calls :meth:`timed_out`.
+* No coroutine or task per command: everything runs in ``data_received`` and plain
+  callbacks; the only task is the STARTTLS handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from math import inf
+
+from sink.send_body import MessageSource
+from sink.send_config import SendConfig
+from sink.send_dialogue import Dialogue
+from sink.send_reply import ReplyError, ReplyParser, extensions, reply_text
+from sink.send_stats import (
+    BDAT,
+    CONNECT,
+    DATA,
+    DOT,
+    EHLO,
+    GREETING,
+    HELO,
+    MAIL,
+    QUIT,
+    RCPT,
+    RSET,
+    STAGES,
+    STARTTLS,
+    TLS,
+    Stats,
+)
+
+_perf = time.perf_counter
+_QUIT = b"QUIT\r\n"
+_RSET = b"RSET\r\n"
+_DATA = b"DATA\r\n"
+_DOT_ONLY = b".\r\n"
+
+
+def recipients(address: str, count: int) -> list[str]:
+    """``count`` recipient addresses: ``address`` itself, or ``local+N@domain`` for N>1."""
+    if count == 1:
+        return [address]
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    return [f"{local}+{i}{at}{domain}" for i in range(1, count + 1)]
+
+
+def cause_of(code: int) -> str:
+    """The failure cause for an unwanted reply code: ``4xx``, ``5xx`` or ``unexpected 2xx``."""
+    klass = code // 100
+    return f"{klass}xx" if klass in (4, 5) else f"unexpected {klass}xx"
+
+
+class SessionContext:
+    """What every session of one process shares: settings, stats, pool, payloads."""
+
+    __slots__ = (
+        "active",
+        "bdat",
+        "config",
+        "connections",
+        "data_stages",
+        "dialogue",
+        "ehlo_cmd",
+        "ehlo_offered",
+        "ehlo_seen",
+        "group",
+        "helo_cmd",
+        "loop",
+        "mail_cmd",
+        "messages",
+        "pacer",
+        "pipelining",
+        "pool",
+        "rcpt_block",
+        "rcpt_cmds",
+        "rcpts",
+        "server_hostname",
+        "stats",
+        "timeout",
+        "tls_context",
+    )
+
+    def __init__(self, config: SendConfig, stats: Stats, messages: MessageSource, pool,
+                 pacer, dialogue: Dialogue | None,
+                 tls_context: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.stats = stats
+        self.messages = messages
+        self.pool = pool
+        self.pacer = pacer
+        self.dialogue = dialogue
+        self.tls_context = tls_context
+        self.loop = asyncio.get_running_loop()
+        self.active: set[SenderSession] = set()
+        self.connections = 0
+        self.timeout = config.timeout
+        self.pipelining = config.pipelining
+        self.bdat = config.bdat
+        self.server_hostname = config.host.strip("[]")
+        self.ehlo_cmd = f"EHLO {config.ehlo}\r\n".encode()
+        self.helo_cmd = f"HELO {config.ehlo}\r\n".encode()
+        self.mail_cmd = f"MAIL FROM:<{config.sender}>\r\n".encode()
+        self.rcpt_cmds = [f"RCPT TO:<{r}>\r\n".encode()
+                          for r in recipients(config.recipient, config.rcpts)]
+        self.rcpts = len(self.rcpt_cmds)
+        self.rcpt_block = b"".join(self.rcpt_cmds)
+        self.group = self.mail_cmd + self.rcpt_block + _DATA
+        self.data_stages = (MAIL, *([RCPT] * self.rcpts), DATA)
+        self.ehlo_seen: list[bytes] = []
+        self.ehlo_offered: frozenset[str] = frozenset()
+
+
+class SenderSession(asyncio.Protocol):
+    """One connection's dialogue (see the module contract)."""
+
+    __slots__ = (
+        "_chunking",
+        "_closing",
+        "_ctx",
+        "_expect",
+        "_id",
+        "_in_msg",
+        "_msg_failed",
+        "_msg_start",
+        "_next_held",
+        "_next_start",
+        "_parser",
+        "_pipelining",
+        "_rcpt_i",
+        "_reserved",
+        "_timer",
+        "_tls",
+        "_tls_started",
+        "_transport",
+        "deadline",
+        "done",
+        "ended_by",
+    )
+
+    def __init__(self, ctx: SessionContext, started: float, reserved: int) -> None:
+        self._ctx = ctx
+        ctx.connections += 1
+        self._id = ctx.connections
+        self._transport: asyncio.Transport | None = None
+        self._parser = ReplyParser()
+        self._expect: deque[tuple[int, float]] = deque()
+        self.deadline = inf
+        self.done: asyncio.Future[None] = ctx.loop.create_future()
+        self._reserved = reserved
+        self._in_msg = True  # the runner took the first message's ticket
+        self._msg_failed = False
+        self._msg_start = started
+        self._next_held = False
+        self._next_start = 0.0
+        self._rcpt_i = 0
+        self._pipelining = False
+        self._chunking = False
+        self._tls = ctx.config.tls
+        self._tls_started = 0.0
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        #: Why the connection ended: "quit", "closed by server", "timeout", "421", ...
+        self.ended_by = ""
+
+    @property
+    def number(self) -> int:
+        """This connection's number in the process (the ``-v`` dialogue's tag)."""
+        return self._id
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ctx = self._ctx
+        self._transport = transport  # type: ignore[assignment]
+        ctx.active.add(self)
+        now = _perf()
+        ctx.stats.connections_made += 1
+        ctx.stats.latency[CONNECT].add(now - self._msg_start)
+        if self._tls:
+            ctx.stats.used("TLS")
+        if ctx.dialogue is not None:
+            ctx.dialogue.note(self._id, f"connected to {ctx.config.host} port {ctx.config.port}")
+        self._expect.append((GREETING, now))
+        self.deadline = now + ctx.timeout
+
+    def data_received(self, data: bytes) -> None:
+        ctx = self._ctx
+        ctx.stats.bytes_in += len(data)
+        try:
+            replies = self._parser.feed(data)
+        except ReplyError as exc:
+            self._protocol_error(str(exc))
+            return
+        if not replies:
+            return
+        now = _perf()
+        latency = ctx.stats.latency
+        for code, lines in replies:
+            if self._closing:
+                return
+            if not self._expect:
+                self._protocol_error(f"reply without a command: {reply_text(code, lines)}")
+                return
+            stage, sent_at = self._expect.popleft()
+            latency[stage].add(now - sent_at)
+            if ctx.dialogue is not None:
+                ctx.dialogue.received(self._id, code, lines)
+            if code == 421 and stage != QUIT:
+                self._fail(stage, "4xx")
+                self._close("421")
+                return
+            _HANDLERS[stage](self, code, lines, now)
+        if not self._closing:
+            self.deadline = now + ctx.timeout if self._expect else inf
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        ctx = self._ctx
+        ctx.active.discard(self)
+        if not self._closing:
+            self.ended_by = "closed by server"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._in_msg and not self._msg_failed:
+            if self._expect:
+                self._fail(self._expect[0][0], "closed")
+            else:  # waiting for its start time: never on the wire
+                ctx.pool.give_back()
+        self._in_msg = False
+        self._release()
+        if not self.done.done():
+            self.done.set_result(None)
+        if ctx.dialogue is not None:
+            ctx.dialogue.note(self._id, "connection closed")
+
+    # -- called by the runner ---------------------------------------------------------
+
+    def timed_out(self) -> None:
+        """The awaited reply did not come by ``deadline``: fail the message, abort."""
+        stage = self._expect[0][0] if self._expect else GREETING
+        self._fail(stage, "timeout")
+        if self._ctx.dialogue is not None:
+            self._ctx.dialogue.note(self._id, f"timeout waiting for the {STAGES[stage]} reply")
+        self._abort("timeout")
+
+    def stop(self, reason: str) -> None:
+        """End the session now (end of a hold, or an interrupt); a message on the wire
+        counts as unfinished, one not yet started goes back to the pool."""
+        ctx = self._ctx
+        if self._in_msg and not self._msg_failed:
+            if self._expect:
+                ctx.stats.unfinished += 1
+            else:
+                ctx.pool.give_back()
+        self._in_msg = False
+        self._release()
+        self._close(reason)
+
+    def _release(self) -> None:
+        """Return the tickets reserved for messages this connection will not send."""
+        unused = self._reserved + self._next_held
+        self._reserved = 0
+        self._next_held = False
+        if unused:
+            self._ctx.pool.give_back(unused)
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _send(self, command: bytes, stage: int) -> None:
+        ctx = self._ctx
+        self._transport.write(command)  # type: ignore[union-attr]
+        ctx.stats.bytes_out += len(command)
+        now = _perf()
+        self._expect.append((stage, now))
+        self.deadline = now + ctx.timeout
+        if ctx.dialogue is not None:
+            ctx.dialogue.sent(self._id, command)
+
+    def _send_many(self, payload: bytes, commands: bytes, stages: tuple[int, ...]) -> None:
+        """Message text (may be empty) followed by commands, in one write."""
+        ctx = self._ctx
+        self._transport.write(payload + commands if payload else commands)  # type: ignore[union-attr]
+        ctx.stats.bytes_out += len(payload) + len(commands)
+        now = _perf()
+        expect = self._expect
+        for stage in stages:
+            expect.append((stage, now))
+        self.deadline = now + ctx.timeout
+        if ctx.dialogue is not None:
+            if payload:
+                ctx.dialogue.payload(self._id, payload)
+            ctx.dialogue.sent(self._id, commands)
+
+    # -- message flow -----------------------------------------------------------------
+
+    def _start_message(self) -> None:
+        """Begin the next message on this connection, or QUIT when there is none."""
+        ctx = self._ctx
+        if self._reserved <= 0 or not ctx.pool.open():
+            self._release()
+            self._send(_QUIT, QUIT)
+            return
+        self._reserved -= 1
+        self._in_msg = True
+        self._msg_failed = False
+        if ctx.pacer is not None:
+            delay = ctx.pacer.delay()
+            if delay > 0:
+                self.deadline = inf
+                self._timer = ctx.loop.call_later(delay, self._send_transaction)
+                return
+        self._send_transaction()
+
+    def _send_transaction(self, restart_clock: bool = True) -> None:
+        """Send MAIL (and with pipelining RCPTs and DATA/BDAT) for the current message;
+        the first message of a connection keeps its clock, started at connect."""
+        self._timer = None
+        ctx = self._ctx
+        if restart_clock:
+            self._msg_start = _perf()
+        if self._pipelining:
+            if self._chunking:
+                self._send_bdat(ctx.messages.bdat_payload(), ctx.mail_cmd + ctx.rcpt_block,
+                                ctx.data_stages[:-1])
+            else:
+                self._send_many(b"", ctx.group, ctx.data_stages)
+        else:
+            self._rcpt_i = 0
+            self._send(ctx.mail_cmd, MAIL)
+
+    def _send_bdat(self, payload: bytes, before: bytes = b"",
+                   before_stages: tuple[int, ...] = ()) -> None:
+        """``before`` (pipelined MAIL and RCPTs), then BDAT LAST with ``payload``, in one
+        write."""
+        ctx = self._ctx
+        command = before + b"BDAT %d LAST\r\n" % len(payload)
+        self._transport.write(command + payload)  # type: ignore[union-attr]
+        ctx.stats.bytes_out += len(command) + len(payload)
+        now = _perf()
+        for stage in before_stages:
+            self._expect.append((stage, now))
+        self._expect.append((BDAT, now))
+        self.deadline = now + ctx.timeout
+        if ctx.dialogue is not None:
+            ctx.dialogue.sent(self._id, command)
+            ctx.dialogue.payload(self._id, payload)
+
+    def _fail(self, stage: int, cause: str | int) -> None:
+        """Count the current message failed at ``stage`` (once per message)."""
+        if self._in_msg and not self._msg_failed:
+            self._msg_failed = True
+            self._ctx.stats.fail(stage, cause_of(cause) if isinstance(cause, int) else cause)
+
+    def _recover(self) -> None:
+        """After a failed transaction: RSET, then the next message."""
+        self._in_msg = False
+        self._send(_RSET, RSET)
+
+    def _give_up(self) -> None:
+        """The server refused the session: QUIT politely and close."""
+        self._in_msg = False
+        self.ended_by = "refused"
+        self._send(_QUIT, QUIT)
+
+    # -- reply handlers, one per stage ------------------------------------------------
+
+    def _on_greeting(self, code: int, lines: list[bytes], now: float) -> None:
+        if code == 220:
+            self._send(self._ctx.ehlo_cmd, EHLO)
+        else:
+            self._fail(GREETING, code)
+            self._give_up()
+
+    def _on_ehlo(self, code: int, lines: list[bytes], now: float) -> None:
+        ctx = self._ctx
+        if code != 250:
+            if code in (500, 502):
+                self._send(ctx.helo_cmd, HELO)
+            else:
+                self._fail(EHLO, code)
+                self._give_up()
+            return
+        if lines == ctx.ehlo_seen:  # the same server says the same: parse it once
+            offered = ctx.ehlo_offered
+        else:
+            offered = extensions(lines)
+            ctx.ehlo_seen, ctx.ehlo_offered = lines, offered
+        if ctx.config.starttls and not self._tls:
+            if "STARTTLS" in offered:
+                self._send(b"STARTTLS\r\n", STARTTLS)
+            else:
+                self._fail(STARTTLS, "not offered")
+                self._give_up()
+            return
+        self._pipelining = ctx.pipelining and "PIPELINING" in offered
+        self._chunking = ctx.bdat and "CHUNKING" in offered
+        if self._pipelining:
+            ctx.stats.used("PIPELINING")
+        if self._chunking:
+            ctx.stats.used("CHUNKING")
+        self._send_transaction(False)
+
+    def _on_helo(self, code: int, lines: list[bytes], now: float) -> None:
+        if code != 250:
+            self._fail(HELO, code)
+            self._give_up()
+        elif self._ctx.config.starttls and not self._tls:
+            self._fail(STARTTLS, "not offered")
+            self._give_up()
+        else:
+            self._send_transaction(False)
+
+    def _on_starttls(self, code: int, lines: list[bytes], now: float) -> None:
+        if code != 220:
+            self._fail(STARTTLS, code)
+            self._give_up()
+            return
+        ctx = self._ctx
+        self._tls_started = now
+        self._expect.append((TLS, now))  # so a timeout or close is counted at TLS
+        self.deadline = now + ctx.timeout
+        task = ctx.loop.create_task(ctx.loop.start_tls(
+            self._transport, self, ctx.tls_context, server_hostname=ctx.server_hostname))
+        task.add_done_callback(self._tls_ready)
+
+    def _tls_ready(self, task: asyncio.Task) -> None:
+        ctx = self._ctx
+        if task.cancelled() or task.exception() is not None or self._closing:
+            self._fail(TLS, "error")
+            if ctx.dialogue is not None and not task.cancelled():
+                ctx.dialogue.note(self._id, f"TLS handshake failed: {task.exception()}")
+            self._abort("TLS error")
+            return
+        self._transport = task.result()
+        self._expect.popleft()
+        self._tls = True
+        ctx.stats.used("STARTTLS")
+        ctx.stats.latency[TLS].add(_perf() - self._tls_started)
+        if ctx.dialogue is not None:
+            ctx.dialogue.note(self._id, "TLS established")
+        self._send(ctx.ehlo_cmd, EHLO)
+
+    def _on_mail(self, code: int, lines: list[bytes], now: float) -> None:
+        if code == 250:
+            if not self._pipelining:
+                self._rcpt_i = 1
+                self._send(self._ctx.rcpt_cmds[0], RCPT)
+            return
+        self._fail(MAIL, code)
+        if not self._pipelining:
+            self._recover()
+
+    def _on_rcpt(self, code: int, lines: list[bytes], now: float) -> None:
+        if code not in (250, 251):
+            self._fail(RCPT, code)
+            if not self._pipelining:
+                self._recover()
+            return
+        if self._pipelining:
+            return
+        ctx = self._ctx
+        if self._rcpt_i < ctx.rcpts:
+            self._send(ctx.rcpt_cmds[self._rcpt_i], RCPT)
+            self._rcpt_i += 1
+        elif self._chunking:
+            self._send_bdat(ctx.messages.bdat_payload())
+        else:
+            self._send(_DATA, DATA)
+
+    def _on_data(self, code: int, lines: list[bytes], now: float) -> None:
+        if code != 354:
+            self._fail(DATA, code)
+            self._recover()
+            return
+        if self._msg_failed:  # a pipelined RCPT or MAIL failed: end the text at once
+            self._send(_DOT_ONLY, DOT)
+            return
+        ctx = self._ctx
+        payload = ctx.messages.data_payload()
+        if not self._pipelining or ctx.pacer is not None:
+            self._send_many(payload, b"", (DOT,))
+        elif self._reserved > 0 and ctx.pool.open():
+            self._reserved -= 1
+            self._next_held = True
+            self._send_many(payload, ctx.group, (DOT, *ctx.data_stages))
+            self._next_start = _perf()
+        else:
+            self._release()
+            self._send_many(payload, _QUIT, (DOT, QUIT))
+
+    def _finish_message(self, ok: bool, stage: int, code: int, now: float) -> None:
+        if ok and not self._msg_failed:
+            self._ctx.stats.sent += 1
+            self._ctx.stats.delivery.add(now - self._msg_start)
+        elif not ok:
+            self._fail(stage, code)
+        self._in_msg = False
+
+    def _on_dot(self, code: int, lines: list[bytes], now: float) -> None:
+        self._finish_message(code == 250, DOT, code, now)
+        if self._next_held:
+            self._next_held = False
+            self._in_msg = True
+            self._msg_failed = False
+            self._msg_start = self._next_start
+        elif not self._expect:
+            self._start_message()
+
+    def _on_bdat(self, code: int, lines: list[bytes], now: float) -> None:
+        failed = self._msg_failed or code != 250
+        self._finish_message(code == 250, BDAT, code, now)
+        if failed:
+            self._send(_RSET, RSET)
+        else:
+            self._start_message()
+
+    def _on_rset(self, code: int, lines: list[bytes], now: float) -> None:
+        self._start_message()
+
+    def _on_quit(self, code: int, lines: list[bytes], now: float) -> None:
+        self._close(self.ended_by or "quit")
+
+    # -- endings ----------------------------------------------------------------------
+
+    def _protocol_error(self, text: str) -> None:
+        stage = self._expect[0][0] if self._expect else GREETING
+        self._fail(stage, "bad reply")
+        if self._ctx.dialogue is not None:
+            self._ctx.dialogue.note(self._id, text)
+        self._abort("bad reply")
+
+    def _close(self, reason: str) -> None:
+        self.ended_by = reason
+        self._closing = True
+        self.deadline = inf
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort(self, reason: str) -> None:
+        self.ended_by = reason
+        self._closing = True
+        self.deadline = inf
+        if self._transport is not None:
+            self._transport.abort()
+
+
+_HANDLERS = {
+    GREETING: SenderSession._on_greeting,
+    EHLO: SenderSession._on_ehlo,
+    HELO: SenderSession._on_helo,
+    STARTTLS: SenderSession._on_starttls,
+    MAIL: SenderSession._on_mail,
+    RCPT: SenderSession._on_rcpt,
+    DATA: SenderSession._on_data,
+    DOT: SenderSession._on_dot,
+    BDAT: SenderSession._on_bdat,
+    RSET: SenderSession._on_rset,
+    QUIT: SenderSession._on_quit,
+}
