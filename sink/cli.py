@@ -321,6 +321,106 @@ def _add_ips(subparsers: argparse._SubParsersAction) -> None:
     add_arguments(parser)
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _add_send(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "send",
+        help="send test mail to an SMTP server and measure it (smtpsend-compatible)",
+        description="A load generator for any SMTP server, command-line compatible with "
+        "smtpsend: -n N sends exactly N messages, -t S sends for S seconds. Prints "
+        "smtpsend's summary lines, then connections, failures by stage and cause, bytes "
+        "and latency percentiles per stage; exits 1 when any message failed.",
+        usage="spamsink send [-s senders] [-m msgs/conn] [-b bytes] (-n total | -t seconds) "
+        "[-p port] [-F from] [-T to] [-S subject] [-v] [options] [host]",
+    )
+    parser.add_argument("host", nargs="?", default="127.0.0.1",
+                        help="server to send to (default: 127.0.0.1)")
+    classic = parser.add_argument_group("smtpsend options")
+    amount = classic.add_mutually_exclusive_group(required=True)
+    amount.add_argument("-n", dest="count", type=_positive_int, metavar="TOTAL",
+                        help="send exactly TOTAL messages")
+    amount.add_argument("-t", dest="duration", type=_seconds, metavar="SECONDS",
+                        help="send for SECONDS (30, 5m); with --hold, how long to hold")
+    classic.add_argument("-s", dest="senders", type=_positive_int, default=None,
+                         metavar="SENDERS", help="concurrent senders (connections) [1]")
+    classic.add_argument("-m", dest="per_connection", type=_positive_int, default=None,
+                         metavar="MSGS", help="messages per connection [1]")
+    classic.add_argument("-b", dest="body_bytes", type=_bytes, default=None, metavar="BYTES",
+                         help="message body size, headers not included (as smtp-source -l) "
+                         "[1024]")
+    classic.add_argument("-p", dest="port", type=_port, default=25, help="server port [25]")
+    classic.add_argument("-F", dest="sender", default="smtpsend@localhost", metavar="FROM",
+                         help="envelope sender [smtpsend@localhost]")
+    classic.add_argument("-T", dest="recipient", default="smtpsink@localhost", metavar="TO",
+                         help="envelope recipient [smtpsink@localhost]")
+    classic.add_argument("-S", dest="subject", default=None, metavar="SUBJECT",
+                         help="Subject header [spamsink send test message]")
+    classic.add_argument("-v", dest="verbose", action="count", default=0,
+                         help="show the dialogue (-vv: with the message text)")
+
+    smtp = parser.add_argument_group("SMTP")
+    smtp.add_argument("--ehlo", default="localhost", metavar="NAME",
+                      help="name in EHLO (HELO when the server rejects EHLO) [localhost]")
+    smtp.add_argument("--rcpts", type=_positive_int, default=1, metavar="N",
+                      help="recipients per message: the -T address, or local+1@domain ... "
+                      "local+N@domain [1]")
+    smtp.add_argument("--pipelining", action="store_true",
+                      help="pipeline commands (RFC 2920) when the server offers PIPELINING")
+    smtp.add_argument("--bdat", action="store_true",
+                      help="send messages with BDAT (RFC 3030) when the server offers CHUNKING")
+    tls = smtp.add_mutually_exclusive_group()
+    tls.add_argument("--starttls", action="store_true",
+                     help="STARTTLS after EHLO; a server not offering it fails the message")
+    tls.add_argument("--tls", action="store_true", help="implicit TLS from connect (port 465)")
+    smtp.add_argument("--body", default=None, metavar="FILE|DIR",
+                      help="send this message file (or every file in DIR, round-robin) as "
+                      "it is, CRLF-normalised and dot-stuffed, instead of a generated one")
+    smtp.add_argument("--timeout", type=_seconds, default=None,
+                      help="seconds to wait for a connect or any reply [30; 3600 with --hold]")
+
+    load = parser.add_argument_group("load")
+    load.add_argument("--rate", type=_positive_float, default=None, metavar="R",
+                      help="start at most R messages per second in total (latency at a "
+                      "given load)")
+    load.add_argument("--source", default=None, metavar="ADDRS",
+                      help="bind connections round-robin to these local addresses: "
+                      "ADDR[,ADDR...] or a range such as 127.0.0.2-127.0.0.254")
+    load.add_argument("--procs", type=_positive_int, default=1,
+                      help="worker processes (one event loop each) to use more than one core")
+    load.add_argument("--hold", type=_positive_int, default=None, metavar="N",
+                      help="tarpit capacity test: open N connections and stay in the "
+                      "dialogue for -t SECONDS like a patient spammer, reporting how many "
+                      "are alive over time and each reply's wait")
+    load.add_argument("--hold-pause", type=_seconds, default=5.0, metavar="SECONDS",
+                      help="pause between messages on a held connection [5]")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true",
+                        help="print the summary as one JSON object")
+    output.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress line on the terminal")
+    parser.set_defaults(handler=_run_send)
+
+
+def _run_send(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from sink.send import run
+
+    return run(args)
+
+
 def _add_version(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("version", help="print the version")
     parser.set_defaults(handler=lambda args, argv: print(f"spamsink {__version__}") or 0)
@@ -362,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spamsink {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(subparsers)
+    _add_send(subparsers)
     _add_ips(subparsers)
     _add_version(subparsers)
     for name, sub in subparsers.choices.items():
