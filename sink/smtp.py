@@ -392,10 +392,9 @@ class SMTPSession(asyncio.Protocol):
             self._out.append(data)
             return
         self._flush()
+        # Reading goes on while a reply is held (input is buffered up to buffer_bytes):
+        # so talking early is seen (PREGREET), and a client that gives up is noticed.
         self._held = (data, interval, ctx.loop.time())
-        transport = self._transport
-        if transport is not None and self._greeted:  # before the banner: watch for pregreet
-            transport.pause_reading()
         ctx.loop.call_later(delay, self._release)
 
     def _release(self) -> None:
