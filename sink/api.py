@@ -325,7 +325,7 @@ class Api:
 
     async def healthz(self, request: web.Request) -> web.Response:
         try:
-            await self._run(self.reader.stats, time.time(), 1)
+            await self._run(self.reader.ping)
         except Exception as exc:
             return web.json_response({"status": "failing", "error": str(exc)}, status=503)
         return web.json_response({"status": "ok"})

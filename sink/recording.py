@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from sink.api import Api, ApiServer, ApiThread
 from sink.metrics import MULTIPROC_ENV, SinkMetrics, exposition, mark_worker_dead
 from sink.record import Recorder, SessionRecord
-from sink.store import StoreWriter, open_reader, open_writer
+from sink.store import StoreWriter, ensure_store, open_reader, open_writer
 
 if TYPE_CHECKING:
     from sink.server import Settings
@@ -94,6 +94,7 @@ async def start_api(settings: Settings, recording: Recording | None) -> ApiServe
         def scrape() -> tuple[bytes, str]:
             recording.sample()
             return exposition(recording.metrics.registry)
+    ensure_store(settings.data)  # also with --no-record: the API serves what is stored
     server = ApiServer(Api(open_reader(settings.data), settings.api_token, scrape),
                        settings.api.host, settings.api.port)
     try:
@@ -118,8 +119,7 @@ class WorkerFleet:
     the store the workers write and summing their metrics."""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.record:
-            open_writer(settings.data).close()
+        ensure_store(settings.data)  # once, before the workers race to create it
         self.metrics_dir = tempfile.mkdtemp(prefix="spamsink-metrics-")
         os.environ[MULTIPROC_ENV] = self.metrics_dir
         self.api: ApiThread | None = None

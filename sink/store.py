@@ -533,6 +533,14 @@ class SQLiteReader(StoreReader):
             conn.close()
         return item
 
+    def ping(self) -> None:
+        """Raise unless the store answers a trivial query."""
+        conn = self._open()
+        try:
+            conn.execute("SELECT sessions FROM totals").fetchall()
+        finally:
+            conn.close()
+
     def netdrop_counts(self, ip: str) -> dict[str, object] | None:
         """netdrop's packet counts for ``ip`` from ``netdrop.sqlite``, read-only; ``None``
         when netdrop has no file or no row for it."""
@@ -618,6 +626,11 @@ class SQLiteReader(StoreReader):
 def open_writer(data: Path) -> StoreWriter:
     """The store writer for the data directory ``data`` (creating and migrating it)."""
     return SQLiteWriter(store_path(data))
+
+
+def ensure_store(data: Path) -> None:
+    """Create the store in ``data`` (or migrate it to this code's schema) if needed."""
+    open_writer(data).close()
 
 
 def open_reader(data: Path) -> SQLiteReader:

@@ -198,3 +198,13 @@ def test_a_taken_api_port_is_one_clear_line(tmp_path: Path):
         result = subprocess.run(sink.command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "cannot serve the API" in result.stderr and "in use" in result.stderr
+
+
+def test_no_record_keeps_nothing_and_still_serves_the_api(tmp_path: Path):
+    sink = dual_stack_sink(tmp_path, "--no-record")
+    with sink:
+        wait_for_port("127.0.0.1", sink.api_port)
+        send(sink.port, "127.0.0.2", 2, "127.0.0.1")
+        time.sleep(1.0)  # two flush intervals: nothing may appear
+        assert api_get(sink, "/api/v1/ips")["items"] == []
+        assert api_get(sink, "/healthz") == {"status": "ok"}
