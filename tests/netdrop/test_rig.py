@@ -348,3 +348,22 @@ def test_a_second_netdrop_on_the_same_queue_fails_and_leaves_the_first_alone(
     finally:
         assert stop(first) == 0
     _assert_clean(rig)
+
+
+def test_held_segments_are_bounded_and_overflow_passes(rig: Rig, data: Path) -> None:
+    port = free_port()
+    proc = rig.start_netdrop("--delay", "200", "--max-held", "3", "--metrics",
+                             f"127.0.0.1:{port}")
+    try:
+        result = rig.send(1, 100_000, source=SENDER4)
+        busy = _metrics(rig, port)
+        time.sleep(0.5)
+        idle = _metrics(rig, port)
+    finally:
+        assert stop(proc) == 0
+    assert result.messages == 1
+    assert busy["netdrop_packets_held"] <= 3
+    assert idle["netdrop_packets_held"] == 0  # all released once due
+    assert idle["netdrop_packets_overflow_total"] > 0
+    assert idle["netdrop_packets_delayed_total"] > 0
+    assert idle["netdrop_packets_dropped_total"] == 0
