@@ -135,7 +135,8 @@ class ServerContext:
         self.ehlo_tls = self._ehlo(with_starttls=True)
         self.ehlo_plain = self._ehlo(with_starttls=False)
         per_session = persona.per_session_greeting
-        self.ehlo_tls_bytes = None if per_session else self.ehlo_tls.format(hostname=hostname).encode()
+        self.ehlo_tls_bytes = (None if per_session
+                               else self.ehlo_tls.format(hostname=hostname).encode())
         self.ehlo_plain_bytes = (None if per_session
                                  else self.ehlo_plain.format(hostname=hostname).encode())
 
@@ -156,7 +157,15 @@ class ServerContext:
         return self._line(self.persona.replies[key], **fields)
 
     def accepts_domain(self, address: str) -> bool:
-        """True when mail for ``address`` is accepted (not a relay attempt)."""
+        """True when mail for ``address`` is accepted (not a relay attempt).
+
+        Sender-specified routing in the local part (``a@b@dom``, ``a%b@dom``,
+        ``b!a@dom``) is refused as Postfix's ``allow_untrusted_routing = no`` does.
+        """
+        local = address[address.rfind(":") + 1:] if address.startswith("@") else address
+        at = local.rfind("@")
+        if at > 0 and any(c in local[:at] for c in "@%!"):
+            return False
         if self.domains is None:
             return True
         return domain_accepted(address, self.domains)
@@ -208,11 +217,41 @@ class SMTPSession(asyncio.Protocol):
     """One SMTP connection. See the module docstring for the contract."""
 
     __slots__ = (
-        "_bdat_chunk", "_bdat_error", "_bdat_last", "_bdat_remaining", "_bdat_reply", "_bdat_size",
-        "_bdat_started", "_bdat_tail", "_close_after", "_commands", "_ctx", "_data_bytes",
-        "_data_tail", "_declared_size", "_errors", "_esmtp", "_greeted", "_held", "_input",
-        "_junk", "_last_activity", "_line", "_mail", "_mode", "_out", "_pacer", "_rcpts",
-        "_record", "_skipping", "_started", "_timer", "_tls", "_transport", "_writing_paused",
+        "_bdat_chunk",
+        "_bdat_error",
+        "_bdat_last",
+        "_bdat_remaining",
+        "_bdat_reply",
+        "_bdat_size",
+        "_bdat_started",
+        "_bdat_tail",
+        "_close_after",
+        "_commands",
+        "_ctx",
+        "_data_bytes",
+        "_data_tail",
+        "_declared_size",
+        "_errors",
+        "_esmtp",
+        "_greeted",
+        "_held",
+        "_input",
+        "_junk",
+        "_last_activity",
+        "_line",
+        "_mail",
+        "_mode",
+        "_out",
+        "_pacer",
+        "_queued",
+        "_rcpts",
+        "_record",
+        "_skipping",
+        "_started",
+        "_timer",
+        "_tls",
+        "_transport",
+        "_writing_paused",
     )
 
     def __init__(self, ctx: ServerContext) -> None:
@@ -224,6 +263,8 @@ class SMTPSession(asyncio.Protocol):
         self._skipping = False
         self._out: list[bytes] = []
         self._held: tuple[bytes, float, float] | None = None  # (rest, interval, held since)
+        # Replies produced while another is held: (data, delay, interval), sent in order.
+        self._queued: list[tuple[bytes, float, float]] | None = None
         self._input = b""
         self._close_after = False
         self._esmtp = False
@@ -361,7 +402,7 @@ class SMTPSession(asyncio.Protocol):
         ):
             self._record.end_reason = reason
         if now:
-            self._held = None
+            self._held = self._queued = None
             self._out.append(self._ctx.reply(key))
             self._close_after = True
             self._flush()
@@ -388,10 +429,19 @@ class SMTPSession(asyncio.Protocol):
             paced, interval = pacer.pace(stage, record.held if record is not None else 0.0,
                                          len(data))
             delay += paced
+        if self._held is not None:
+            if self._queued is None:
+                self._queued = []
+            self._queued.append((data, delay, interval))
+            return
         if not delay and not interval:
             self._out.append(data)
             return
         self._flush()
+        self._hold(data, delay, interval)
+
+    def _hold(self, data: bytes, delay: float, interval: float) -> None:
+        ctx = self._ctx
         # Reading goes on while a reply is held (input is buffered up to buffer_bytes):
         # so talking early is seen (PREGREET), and a client that gives up is noticed.
         self._held = (data, interval, ctx.loop.time())
@@ -416,6 +466,10 @@ class SMTPSession(asyncio.Protocol):
             self._record.held += self._last_activity - since
         if self._greeted is False:
             self._greeted = True
+        if self._queued:
+            self._hold(*self._queued.pop(0))
+            return
+        self._queued = None
         if self._close_after:
             transport.close()
             return
@@ -606,7 +660,17 @@ class SMTPSession(asyncio.Protocol):
     # -- commands -------------------------------------------------------------------
 
     def _command(self, line: bytes) -> bytes:
-        """Answer one command line (without its line ending). Returns the verb."""
+        """Answer one command line (without its line ending). Returns the verb.
+
+        As Postfix does, the hard error limit is checked after every reply, so the
+        persona's 421 follows the reply that reached it at once.
+        """
+        verb = self._dispatch(line)
+        if self._errors >= self._ctx.limits.errors and not self._close_after:
+            self._end(EndReason.LIMIT, "too_many_errors")
+        return verb
+
+    def _dispatch(self, line: bytes) -> bytes:
         ctx = self._ctx
         record = self._record
         self._commands += 1
@@ -639,8 +703,6 @@ class SMTPSession(asyncio.Protocol):
                 self._errors += 1
             self._junk += 1
         handler(self, arg)
-        if self._errors >= ctx.limits.errors and not self._close_after:
-            self._end(EndReason.LIMIT, "too_many_errors")
         return verb
 
     def _error(self, reply: bytes, stage: Stage = Stage.COMMAND) -> None:
@@ -944,7 +1006,7 @@ class SMTPSession(asyncio.Protocol):
                 transport, self, ctx.tls, server_side=True,  # type: ignore[arg-type]
                 ssl_handshake_timeout=min(60.0, ctx.limits.idle_timeout),
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.debug("TLS handshake failed: %s", exc)
             if self._record is not None:
                 self._record.end_reason = EndReason.ERROR
