@@ -191,6 +191,7 @@ class SinkProcess:
             settings.pacing, settings.policy, costs=settings.costs,
             greylist=None if settings.greylist_delay is None else Greylist(settings.greylist_delay),
         )
+        self._reputation: asyncio.Future[None] | None = None
 
     async def start(self, sockets: list[tuple[socket.socket, bool]]) -> None:
         """Serve SMTP on ``sockets``: (listening socket, implicit TLS) pairs."""
@@ -219,6 +220,8 @@ class SinkProcess:
                 ssl=tls if implicit else None, backlog=settings.backlog,
             )
             self.servers.append(server)
+        if settings.record and settings.pacing.active:  # known-bad senders, from the store
+            self._reputation = asyncio.ensure_future(tarpit.refresh_from_store(settings.data))
 
     @property
     def active_sessions(self) -> int:
@@ -227,6 +230,8 @@ class SinkProcess:
 
     async def stop(self) -> None:
         """Stop accepting, let sessions finish within the grace period, then close them."""
+        if self._reputation is not None:
+            self._reputation.cancel()
         for server in self.servers:
             server.close()
         for ctx in self.contexts:

@@ -26,17 +26,23 @@ session, so a held connection costs nothing here beyond what the engine keeps.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 import random
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from sink import sockopts
 from sink.greylist import Greylist
 from sink.record import Flag, SessionRecord
+
+log = logging.getLogger("spamsink.tarpit")
 
 
 class Stage(enum.IntEnum):
@@ -178,6 +184,16 @@ class Pacer:
         return delay, interval
 
 
+def known_bad_in_store(data: Path, since: float, min_messages: int, limit: int) -> set[str]:
+    """Senders in the store in ``data`` seen since ``since`` with a bot flag or volume."""
+    from sink.store import IpFilter, open_reader
+
+    reader = open_reader(data)
+    filters = [IpFilter(since=since, flags=int(flag)) for flag in Flag if flag & BOT_FLAGS]
+    filters.append(IpFilter(since=since, min_messages=min_messages))
+    return {row[0] for flt in filters for row in reader.ips(flt, limit=limit)}
+
+
 def _zero_counters() -> dict[str, float]:
     return dict.fromkeys(COUNTERS, 0)
 
@@ -308,6 +324,26 @@ class Tarpit:
         self._known_bad = set(bad_addresses) | {
             ip for ip in self._known_bad if ip in self._visits
         }
+
+    async def refresh_from_store(self, data: Path, *, interval: float = 60.0,
+                                 window: float = 7 * 86400, min_messages: int = 100) -> None:
+        """Forever: every ``interval`` seconds load the known-bad senders from the store.
+
+        Known bad: seen within ``window`` seconds with any bot flag, or with at least
+        ``min_messages`` messages. The query runs in a thread; the event loop never waits
+        on SQLite. Runs until cancelled; a missing or unreadable store is retried.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                bad = await loop.run_in_executor(
+                    None, known_bad_in_store, data, time.time() - window, min_messages,
+                    self.policy.remember)
+            except (OSError, sqlite3.Error, ValueError) as exc:  # StoreError is a ValueError
+                log.debug("reputation refresh skipped: %s", exc)
+            else:
+                self.load_reputation(bad)
+            await asyncio.sleep(interval)
 
     def known_bad(self, client_ip: str) -> bool:
         """True when ``client_ip`` is paced from connect under ``who="flagged"``."""

@@ -5,11 +5,15 @@ A seeded RNG and a fake clock make every decision reproducible.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
+from pathlib import Path
 
 import pytest
 
 from sink.record import Flag, SessionRecord
+from sink.store import open_writer
 from sink.tarpit import (
     PRESETS,
     RFC5321_TIMEOUTS,
@@ -157,3 +161,29 @@ def test_cost_counters_and_asymmetry() -> None:
     assert stats["uptime_seconds"] == 60
     assert stats["cpu_seconds"] > 0
     assert stats["held_per_cpu_second"] == pytest.approx(120.5 / stats["cpu_seconds"], rel=0.05)
+
+
+def test_known_bad_senders_are_loaded_from_the_store(tmp_path: Path) -> None:
+    now = time.time()
+    writer = open_writer(tmp_path)
+    writer.write([
+        record("203.0.113.5", start=now - 5, end=now, flags=int(Flag.PIPELINING_UNASKED)),
+        record("203.0.113.6", start=now - 5, end=now, messages=1),
+        record("203.0.113.7", start=now - 5, end=now, messages=500),
+    ])
+    writer.close()
+    tarpit = Tarpit(PRESETS["spamd"])
+
+    async def first_refresh() -> None:
+        task = asyncio.ensure_future(tarpit.refresh_from_store(tmp_path, interval=3600))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if tarpit.stats()["known_bad"]:
+                break
+        task.cancel()
+
+    asyncio.run(first_refresh())
+    assert tarpit.known_bad("203.0.113.5")  # a bot flag
+    assert tarpit.known_bad("203.0.113.7")  # volume
+    assert not tarpit.known_bad("203.0.113.6")
+    assert tarpit.pacer_for("203.0.113.5") is not None
