@@ -215,6 +215,48 @@ def sender_cost(rig: Rig, work: Path, connections: int, messages: int,
     return rows
 
 
+def plot_svg(rows: list[dict], path: Path) -> None:
+    """Two bar charts (seconds and retransmissions per message) by drop rate, as SVG."""
+    rates = ["0", "0.05", "0.1", "0.2", "0.3"]
+    series = {"drop only": [rows[0]] + [r for r in rows if r["config"] in
+                                        {f"--rate {x}" for x in rates}],
+              "drop + delay 100:50 on 30 %": [rows[0]] + [
+                  r for r in rows if r["config"].endswith("--delay-rate 0.3")]}
+    colours = {"drop only": "#4477aa", "drop + delay 100:50 on 30 %": "#ee6677"}
+    panels = [("seconds per message", "seconds"), ("retransmissions per message", "retrans")]
+    width, height, pad = 380, 260, 45
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{height + 40}" '
+           'font-family="sans-serif" font-size="11">']
+    for p, (title, key) in enumerate(panels):
+        x0 = p * width + pad
+        top = max(r[key] for values in series.values() for r in values) or 1
+        plot_h, plot_w = height - 2 * pad, width - pad - 15
+        out.append(f'<text x="{x0}" y="20" font-size="13">{title}</text>')
+        out.append(f'<line x1="{x0}" y1="{height - pad}" x2="{x0 + plot_w}" '
+                   f'y2="{height - pad}" stroke="black"/>')
+        out.append(f'<text x="{x0 - 5}" y="{pad + 4}" text-anchor="end">{top:.2g}</text>')
+        group = plot_w / len(rates)
+        for i, rate in enumerate(rates):
+            out.append(f'<text x="{x0 + group * (i + 0.5)}" y="{height - pad + 15}" '
+                       f'text-anchor="middle">{rate}</text>')
+            for j, (name, values) in enumerate(series.items()):
+                if i >= len(values):
+                    continue
+                h = values[i][key] / top * plot_h
+                x = x0 + group * i + 6 + j * (group - 12) / 2
+                out.append(f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" '
+                           f'width="{(group - 12) / 2:.1f}" height="{h:.1f}" '
+                           f'fill="{colours[name]}"/>')
+        out.append(f'<text x="{x0 + plot_w / 2}" y="{height - pad + 30}" '
+                   'text-anchor="middle">--rate</text>')
+    for j, (name, colour) in enumerate(colours.items()):
+        out.append(f'<rect x="{pad + j * 220}" y="{height + 15}" width="10" height="10" '
+                   f'fill="{colour}"/><text x="{pad + j * 220 + 14}" y="{height + 24}">'
+                   f'{name}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="capacity window per mode")
@@ -222,6 +264,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=10, help="SMTP connections per config")
     ap.add_argument("--messages", type=int, default=2, help="messages per connection")
     ap.add_argument("--size", type=int, default=20_000, help="bytes per message")
+    ap.add_argument("--plot", type=Path, help="also draw the sender's cost as an SVG here")
     ap.add_argument("--skip", choices=("micro", "capacity", "cost"), action="append",
                     default=[])
     args = ap.parse_args()
@@ -262,6 +305,8 @@ def main() -> int:
                       f"{r['seconds'] / base['seconds']:.0f} | {r['retrans']:.1f} | "
                       f"{r['segs']:.1f} | {r['segs'] / base['segs']:.2f} | "
                       f"{r['bytes']:,.0f} | {r['bytes'] / base['bytes']:.2f} |")
+            if args.plot:
+                plot_svg(rows, args.plot)
     return 0
 
 
