@@ -41,6 +41,8 @@ _HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
 _XTEXT = re.compile(rb"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")
 _NOTIFY = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
 _MAX_BDAT = 1 << 62
+#: STARTTLS handshakes in progress (a reference keeps their tasks alive).
+_UPGRADES: set[asyncio.Future[None]] = set()
 # Plain ints: IntFlag arithmetic is slow on the per-line path.
 _F_PIPELINING = int(Flag.PIPELINING_UNASKED)
 _F_BARE_LF = int(Flag.BARE_LF)
@@ -648,9 +650,9 @@ class SMTPSession(asyncio.Protocol):
         self._bdat_remaining -= take
         if take:
             tail = self._bdat_tail
-            self._bdat_size += take + data.count(b"\n", pos, end) - data.count(b"\r\n", pos, end) - (
-                1 if tail == b"\r" and data[pos] == 0x0A else 0
-            )
+            # Postfix reports the stored size: every bare LF becomes CRLF.
+            crlf = data.count(b"\r\n", pos, end) + (1 if tail == b"\r" and data[pos] == 0x0A else 0)
+            self._bdat_size += take + data.count(b"\n", pos, end) - crlf
             self._count_endings(data, pos, end, tail)
             self._bdat_tail = data[end - 1:end]
         if self._bdat_remaining == 0:
@@ -878,7 +880,6 @@ class SMTPSession(asyncio.Protocol):
         self._reply(ctx.reply("data_ok"), Stage.DATA_INIT)
 
     def _bdat_cmd(self, arg: bytes) -> None:
-        ctx = self._ctx
         self._stage("bdat")
         words = arg.split()
         last = len(words) == 2 and words[1].upper() == b"LAST"
@@ -997,7 +998,9 @@ class SMTPSession(asyncio.Protocol):
         transport = self._transport
         if transport is not None:
             transport.pause_reading()
-            asyncio.ensure_future(self._upgrade(transport))
+            task = asyncio.ensure_future(self._upgrade(transport))
+            _UPGRADES.add(task)
+            task.add_done_callback(_UPGRADES.discard)
 
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         ctx = self._ctx
