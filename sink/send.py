@@ -23,7 +23,7 @@ import sys
 
 from sink.send_config import SendConfig, UsageError, config_from_options
 from sink.send_progress import ProgressLine, progress_wanted
-from sink.send_runner import Runner, RunResult
+from sink.send_runner import Runner, RunResult, use_uvloop
 from sink.send_workers import run_workers
 
 #: File descriptors kept free for the interpreter, the terminal and the event loop.
@@ -50,9 +50,7 @@ def raise_file_limit(connections: int) -> str | None:
 
 
 def _run_here(config: SendConfig, progress: ProgressLine | None) -> RunResult:
-    from sink.server import install_event_loop_policy
-
-    install_event_loop_policy()
+    use_uvloop()
     publish = progress.update if progress is not None else None
     return asyncio.run(Runner(config, publish=publish).run())
 
@@ -94,6 +92,8 @@ def run(options: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"spamsink send: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the event loop took over SIGINT
+        return 130
     data = summary(result, config)
     try:
         print(json.dumps(data) if config.json else render_text(data), flush=True)

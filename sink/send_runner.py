@@ -15,6 +15,7 @@ import asyncio
 import errno
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,19 @@ class RunResult:
         hold = HoldResult.from_dict(data["hold"]) if data["hold"] else None
         return cls(Stats.from_dict(data["stats"]), hold, data["interrupted"],
                    data["not_attempted"])
+
+
+def use_uvloop() -> None:
+    """Run on uvloop when installed (a third of asyncio's CPU per message). The same as
+    ``sink.server.install_event_loop_policy``, without importing the server's modules,
+    which would double the client's start-up time."""
+    try:
+        import uvloop
+    except ImportError:
+        print("spamsink send: uvloop is not installed: using asyncio's default event loop, "
+              "which costs about three times the CPU per message", file=sys.stderr)
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def client_tls_context() -> ssl.SSLContext:

@@ -216,12 +216,15 @@ class SenderSession(asyncio.Protocol):
             return
         now = _perf()
         latency = ctx.stats.latency
+        # Replies in this read can only answer commands written before it arrived.
+        answerable = len(self._expect)
         for code, lines in replies:
             if self._closing:
                 return
-            if not self._expect:
+            if not answerable:
                 self._protocol_error(f"reply without a command: {reply_text(code, lines)}")
                 return
+            answerable -= 1
             stage, sent_at = self._expect.popleft()
             latency[stage].add(now - sent_at)
             if ctx.dialogue is not None:

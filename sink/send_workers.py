@@ -19,16 +19,14 @@ from multiprocessing.connection import Connection, wait
 
 from sink.send_config import SendConfig
 from sink.send_progress import ProgressLine
-from sink.send_runner import PUBLISH_INTERVAL, Runner, RunResult
+from sink.send_runner import PUBLISH_INTERVAL, Runner, RunResult, use_uvloop
 
 _FIELDS = 3  # sent, failed, open connections
 
 
 def _worker(config: SendConfig, index: int, pipe: Connection, counters) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the runner installs its handler
-    from sink.server import install_event_loop_policy
-
-    install_event_loop_policy()
+    use_uvloop()
     base = index * _FIELDS
 
     def publish(sent: int, failed: int, alive: int) -> None:

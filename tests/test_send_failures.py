@@ -1,0 +1,130 @@
+"""Servers that refuse, drop, stall or babble: every message lands in the right bucket,
+and ``sent + failed`` is exactly ``-n`` (real sockets, a scripted asyncio server)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.support import free_port, spamsink_command
+from tests.test_send_support import CLOSE, EHLO_LINES, SILENT, FakeSMTP, run_send
+
+
+def send_to(server: FakeSMTP, *args: str) -> tuple[int, dict]:
+    status, out, _ = run_send(*args, "-p", str(server.port))
+    return status, out
+
+
+@pytest.mark.parametrize(("replies", "bucket"), [
+    ({"CONNECT": b"554 5.7.1 go away\r\n"}, "greeting 5xx"),
+    ({"CONNECT": b"421 4.3.2 busy\r\n"}, "greeting 4xx"),
+    ({"EHLO": b"550 no\r\n"}, "ehlo 5xx"),
+    ({"MAIL": b"451 4.3.0 try later\r\n"}, "mail 4xx"),
+    ({"RCPT": b"550 5.1.1 <smtpsink@localhost>: Recipient address rejected\r\n"}, "rcpt 5xx"),
+    ({"DATA": b"554 5.5.1 no valid recipients\r\n"}, "data 5xx"),
+    ({".": b"552 5.3.4 message file too big\r\n"}, "dot 5xx"),
+    ({".": b"452 4.3.1 insufficient storage\r\n"}, "dot 4xx"),
+    ({"CONNECT": CLOSE}, "greeting closed"),
+    ({"MAIL": CLOSE}, "mail closed"),
+    ({"DATA": CLOSE}, "data closed"),
+    ({".": CLOSE}, "dot closed"),
+    ({"CONNECT": b"SSH-2.0-OpenSSH_9.2\r\n"}, "greeting bad reply"),
+    ({"RCPT": b"250 ok\r\n250 surprise\r\n"}, "data bad reply"),
+    ({"DATA": b"250 Ok\r\n"}, "data unexpected 2xx"),
+])
+def test_failure_buckets(replies: dict, bucket: str) -> None:
+    with FakeSMTP(replies) as server:
+        status, out = send_to(server, "-n", "6", "-s", "2", "-m", "3")
+    assert status == 1
+    assert out["sent"] == 0 and out["failed"] == 6
+    assert out["failures"] == {bucket: 6}
+    stage, cause = bucket.split(" ", 1)
+    assert out["failures_by_stage"] == {stage: 6}
+    assert out["failures_by_cause"] == {cause: 6}
+
+
+def test_ehlo_refused_falls_back_to_helo() -> None:
+    with FakeSMTP({"EHLO": b"502 5.5.2 command not recognized\r\n"}) as server:
+        status, out = send_to(server, "-n", "3", "--pipelining")
+    assert status == 0 and out["sent"] == 3
+    assert out["latency_ms"]["helo"]["count"] == 3
+    assert "PIPELINING" not in out["extensions"]  # HELO offers no extensions
+
+
+def test_connection_refused() -> None:
+    status, out, _ = run_send("-n", "5", "-s", "2", "-m", "5", "-p", str(free_port()))
+    assert status == 1
+    assert out["failures"] == {"connect refused": 5}
+    assert out["connections"] == {"made": 0, "failed": 5}
+
+
+def test_silent_server_times_out() -> None:
+    with FakeSMTP({"CONNECT": SILENT}) as server:
+        status, out = send_to(server, "-n", "4", "-s", "4", "--timeout", "0.3")
+    assert status == 1
+    assert out["failures"] == {"greeting timeout": 4}
+
+
+def test_stall_after_data_times_out_at_end_of_data() -> None:
+    with FakeSMTP({".": SILENT}) as server:
+        status, out = send_to(server, "-n", "2", "-s", "2", "--timeout", "0.3")
+    assert status == 1
+    assert out["failures"] == {"dot timeout": 2}
+
+
+def test_mixed_outcomes_add_up_exactly() -> None:
+    """Every third RCPT rejected, every fifth connection dropped at the greeting."""
+    replies = {
+        "RCPT": lambda n: b"550 5.1.1 rejected\r\n" if n % 3 == 0 else b"250 2.1.5 Ok\r\n",
+        "CONNECT": lambda n: CLOSE if n % 5 == 0 else b"220 fake.example ESMTP\r\n",
+    }
+    with FakeSMTP(replies) as server:
+        status, out = send_to(server, "-n", "997", "-s", "7", "-m", "10")
+    assert status == 1
+    assert out["sent"] + out["failed"] == 997
+    assert out["sent"] == len(server.messages)
+    assert out["failures"]["rcpt 5xx"] == server.counts["RCPT"] // 3
+    assert out["failures"]["greeting closed"] == server.counts["CONNECT"] // 5
+    assert set(out["failures"]) == {"rcpt 5xx", "greeting closed"}
+
+
+def test_pipelined_rejections_recover_and_continue() -> None:
+    replies = {"RCPT": lambda n: b"550 5.1.1 rejected\r\n" if n % 2 else b"250 2.1.5 Ok\r\n",
+               "DATA": lambda n: b"554 5.5.1 no valid recipients\r\n" if n % 2
+               else b"354 go ahead\r\n"}
+    with FakeSMTP(replies) as server:
+        status, out = send_to(server, "-n", "40", "-s", "2", "-m", "10", "--pipelining")
+    assert status == 1
+    assert (out["sent"], out["failed"]) == (20, 20)
+    assert out["failures"] == {"rcpt 5xx": 20}
+    assert out["latency_ms"]["rset"]["count"] == 20
+    assert len(server.messages) == 20
+
+
+def test_replies_one_byte_at_a_time_are_parsed_whole() -> None:
+    with FakeSMTP({"EHLO": EHLO_LINES}, chunk=1) as server:
+        status, out = send_to(server, "-n", "5", "-m", "5", "--pipelining", "--bdat")
+    assert status == 0 and out["sent"] == 5
+    assert out["extensions"] == {"PIPELINING": 1, "CHUNKING": 1}
+
+
+def test_interrupt_prints_the_summary_and_exits_130() -> None:
+    with FakeSMTP(delay=0.2) as server:
+        proc = subprocess.Popen([*spamsink_command(), "send", "--json", "-t", "60", "-s", "3",
+                                 "-m", "1000", "-p", str(server.port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while server.counts.get(".", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # their replies (0.2 s late) have arrived
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=20)
+    out = json.loads(stdout)
+    assert proc.returncode == 130
+    assert out["interrupted"] is True
+    assert out["unfinished"] == 3  # one message on the wire per sender
+    assert out["sent"] >= 3 and out["failed"] == 0
