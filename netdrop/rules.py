@@ -226,9 +226,18 @@ class Rules:
             log.warning("netdrop: %s not found; IPv%d traffic is not covered",
                         "ip6tables" if self._tools[0][1] == 4 else "iptables",
                         6 if self._tools[0][1] == 4 else 4)
-        self._xt = self._xtables()
-        for xt in self._xt:
-            xt.install(target)
+        self._xt = []
+        for xt in self._xtables():
+            self._xt.append(xt)
+            try:
+                xt.install(target)
+            except RulesError as exc:
+                if xt.version == 4 or len(self._tools) == 1:
+                    raise
+                # A host without IPv6 (ipv6.disable=1): keep IPv4 covered, say so.
+                log.warning("netdrop: IPv6 traffic is not covered: %s", exc)
+                xt.remove()
+                self._xt.remove(xt)
 
     def _install_nft(self, verdict: str) -> None:
         try:
