@@ -372,3 +372,20 @@ def test_held_segments_are_bounded_and_overflow_passes(rig: Rig, data: Path) -> 
     assert idle["netdrop_packets_overflow_total"] > 0
     assert idle["netdrop_packets_delayed_total"] > 0
     assert idle["netdrop_packets_dropped_total"] == 0
+
+
+def test_syn_and_fin_reach_the_queue_only_when_asked(rig: Rig, data: Path) -> None:
+    proc = rig.start_netdrop("--rate", "0")
+    text = rig.rules_text()
+    assert stop(proc) == 0
+    assert "--tcp-flags SYN SYN -j RETURN" in text and "--tcp-flags FIN FIN -j RETURN" in text
+    proc = rig.start_netdrop("--rate", "0", "--syn", "--fin", "--data", str(data))
+    text = rig.rules_text()
+    try:
+        result = rig.send(1, 2000, source=SENDER4)
+    finally:
+        assert stop(proc) == 0
+    assert "SYN SYN" not in text and "FIN FIN" not in text
+    assert "--tcp-flags RST RST -j RETURN" in text  # never RST
+    # The SYN and the FIN were queued too: more segments seen than data segments sent.
+    assert _senders(data)[SENDER4][0] >= result.data_segs_out + 2
