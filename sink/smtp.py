@@ -156,6 +156,9 @@ class ServerContext:
         rendered = self.rendered.get(key)
         if rendered is not None:
             return rendered
+        for name, value in fields.items():
+            if isinstance(value, str):
+                fields[name] = printable(value)
         return self._line(self.persona.replies[key], **fields)
 
     def accepts_domain(self, address: str) -> bool:
@@ -171,6 +174,13 @@ class ServerContext:
         if self.domains is None:
             return True
         return domain_accepted(address, self.domains)
+
+
+def printable(text: str) -> str:
+    """``text`` safe to echo in a reply: CR, LF, NUL and other controls become ``?``."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def domain_accepted(address: str, domains: frozenset[str]) -> bool:
@@ -747,7 +757,8 @@ class SMTPSession(asyncio.Protocol):
             self._reply(rendered)
             return
         text = ctx.ehlo_plain if plain else ctx.ehlo_tls
-        self._reply(text.format(hostname=ctx.hostname, helo_name=arg.decode("utf-8", "replace"),
+        self._reply(text.format(hostname=ctx.hostname,
+                                helo_name=printable(arg.decode("utf-8", "replace")),
                                 client_ip=self._client_ip()).encode())
 
     def _client_ip(self) -> str:
