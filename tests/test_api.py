@@ -22,14 +22,13 @@ from tests.support import free_port
 from tests.test_store import session
 
 TOKEN = "s3cret-token"
-NOW = time.time()
 
 
 class Client:
     """Plain urllib against the API's base URL."""
 
-    def __init__(self, base: str, token: str | None = None) -> None:
-        self.base, self.token = base, token
+    def __init__(self, base: str, token: str | None = None, now: float = 0.0) -> None:
+        self.base, self.token, self.now = base, token, now
 
     def request(self, method: str, path: str) -> tuple[int, str, bytes]:
         req = urllib.request.Request(self.base + path, method=method)
@@ -53,17 +52,20 @@ class Client:
         return body.decode()
 
 
-def populate(data: Path) -> None:
+def populate(data: Path, now: float | None = None) -> float:
+    """Six sessions from five senders, relative to ``now``; returns ``now``."""
+    t = time.time() if now is None else now
     writer = open_writer(data)
     writer.write([
-        session("192.0.2.1", end=NOW - 10, messages=5, helo="a.example", flags=Flag.PREGREET),
-        session("192.0.2.1", end=NOW - 5, messages=5, flags=Flag.BARE_LF),
-        session("192.0.2.2", end=NOW - 3600, messages=1, flags=Flag.RELAY_ATTEMPT),
-        session("198.51.100.7", end=NOW - 2 * 86400, messages=0, helo="old.example"),
-        session("2001:db8::5", end=NOW - 300, messages=2, local="2001:db8::25"),
-        session("127.0.0.1", end=NOW - 1, messages=1),
+        session("192.0.2.1", end=t - 10, messages=5, helo="a.example", flags=Flag.PREGREET),
+        session("192.0.2.1", end=t - 5, messages=5, flags=Flag.BARE_LF),
+        session("192.0.2.2", end=t - 3600, messages=1, flags=Flag.RELAY_ATTEMPT),
+        session("198.51.100.7", end=t - 2 * 86400, messages=0, helo="old.example"),
+        session("2001:db8::5", end=t - 300, messages=2, local="2001:db8::25"),
+        session("127.0.0.1", end=t - 1, messages=1),
     ])
     writer.close()
+    return t
 
 
 def serve(data: Path, token: str | None, metrics: SinkMetrics | None = None,
@@ -80,11 +82,11 @@ def serve(data: Path, token: str | None, metrics: SinkMetrics | None = None,
 
 @pytest.fixture
 def open_api(tmp_path: Path) -> Iterator[Client]:
-    populate(tmp_path)
+    now = populate(tmp_path)
     metrics = SinkMetrics()
     metrics.record_batch([session(messages=3)], 0.002)
     for _, base in serve(tmp_path, None, metrics):
-        yield Client(base)
+        yield Client(base, now=now)
 
 
 @pytest.fixture
@@ -117,12 +119,13 @@ def test_ips_lists_senders_with_their_counts(open_api: Client):
     ("flag=pregreet&flag=bare_lf", ["192.0.2.1"]),
     ("flag=pregreet,relay_attempt", []),
     ("since=2h", ["127.0.0.1", "192.0.2.1", "2001:db8::5", "192.0.2.2"]),
-    (f"since={NOW - 30:.0f}", ["127.0.0.1", "192.0.2.1"]),
+    ("since={now_minus_30}", ["127.0.0.1", "192.0.2.1"]),
     ("until=1d", ["198.51.100.7"]),
     ("family=6", ["2001:db8::5"]),
     ("family=4&sort=volume&min_messages=1", ["192.0.2.1", "192.0.2.2", "127.0.0.1"]),
 ])
 def test_ips_filters(open_api: Client, query: str, expected: list[str]):
+    query = query.format(now_minus_30=f"{open_api.now - 30:.0f}")
     body = open_api.json(f"/api/v1/ips?{query}")
     if query == "sort=volume":  # ties on messages go by address, descending
         assert ips_of(body)[:2] == expected[:2]
@@ -132,7 +135,7 @@ def test_ips_filters(open_api: Client, query: str, expected: list[str]):
 
 
 def test_ips_since_takes_iso_8601(open_api: Client):
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 600))
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(open_api.now - 600))
     assert set(ips_of(open_api.json(f"/api/v1/ips?since={since}"))) == {
         "127.0.0.1", "192.0.2.1", "2001:db8::5"}
 

@@ -41,6 +41,8 @@ def send(port: int, source: str, messages: int, host: str) -> None:
 
 
 def api_get(sink: SinkProcess, path: str, token: str | None = None) -> dict:
+    # SMTP listens first (SinkProcess waits for it); the API follows a moment later.
+    wait_for_port("127.0.0.1", sink.api_port)
     req = urllib.request.Request(f"http://127.0.0.1:{sink.api_port}{path}")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
