@@ -26,13 +26,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from sink import __version__
-from sink.export import CONTENT_TYPES, FORMATS, render, sender_item
+from sink.export import CONTENT_TYPES, FORMATS, family_rows, render, sender_item
 from sink.metrics import exposition
 from sink.query import (
     BadParameter,
@@ -304,8 +304,7 @@ class Api:
         reader = self.reader
 
         def rows(family: int | None) -> Iterator[list[tuple]]:
-            flt = query.filter if family is None else replace(query.filter, family=family)
-            return reader.iter_ips(flt, query.sort)
+            return family_rows(reader, query, family)
 
         header = [f"spamsink {__version__} export at {iso(time.time())}",
                   f"query: {request.query_string or '(all senders)'}"]

@@ -23,10 +23,11 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
-from sink.query import iso
+from sink.query import IpQuery, iso
 from sink.record import Flag
-from sink.store import IP_COLUMNS
+from sink.store import IP_COLUMNS, StoreReader
 
 FORMATS = ("txt", "csv", "json", "rbldnsd", "nft")
 CONTENT_TYPES = {
@@ -48,6 +49,17 @@ def sender_item(row: tuple) -> dict[str, object]:
     item["last_seen"] = iso(item["last_seen"])  # type: ignore[arg-type]
     item["flags"] = Flag.names(item["flags"])  # type: ignore[arg-type]
     return item
+
+
+def family_rows(reader: StoreReader, query: IpQuery, family: int | None,
+                ) -> Iterator[list[tuple]]:
+    """The rows of ``query`` restricted to ``family`` (4, 6 or ``None``): nothing when
+    the query itself asks for the other family."""
+    wanted = query.filter.family
+    if family is not None and wanted is not None and family != wanted:
+        return iter(())
+    flt = query.filter if family is None else replace(query.filter, family=family)
+    return reader.iter_ips(flt, query.sort)
 
 
 def render(fmt: str, rows: Rows, header: list[str]) -> Iterator[str]:

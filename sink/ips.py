@@ -12,12 +12,11 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
 from sink import __version__
-from sink.export import FORMATS, render, sender_item
+from sink.export import FORMATS, family_rows, render, sender_item
 from sink.query import BadParameter, ip_query, iso
 from sink.store import SORTS, StoreError, open_reader
 
@@ -72,8 +71,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         return 2
 
     def rows(family: int | None) -> Iterator[list[tuple]]:
-        flt = query.filter if family is None else replace(query.filter, family=family)
-        return reader.iter_ips(flt, query.sort)
+        return family_rows(reader, query, family)
 
     out = sys.stdout
     try:

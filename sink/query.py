@@ -104,6 +104,7 @@ def decode_cursor(name: str, text: str, shape: tuple[type, ...]) -> tuple:
         raise BadParameter(name, "not a cursor this API returned") from None
     if (not isinstance(values, list) or len(values) != len(shape)
             or not all(isinstance(v, t) and not isinstance(v, bool)
+                       and (not isinstance(v, int) or abs(v) < 2**63)
                        for v, t in zip(values, shape, strict=True))):
         raise BadParameter(name, "not a cursor this API returned")
     return tuple(values)
@@ -129,7 +130,8 @@ def ip_query(get: dict[str, list[str]], now: float | None = None) -> IpQuery:
     flt = IpFilter(
         since=parse_time("since", since, now) if since is not None else None,
         until=parse_time("until", until, now) if until is not None else None,
-        min_messages=parse_count("min_messages", minimum) if minimum is not None else 0,
+        min_messages=(parse_count("min_messages", minimum, high=2**62)
+                      if minimum is not None else 0),
         flags=parse_flags("flag", get.get("flag", [])),
         family=int(parse_choice("family", family, ("4", "6"))) if family is not None else None,
     )

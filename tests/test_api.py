@@ -167,6 +167,8 @@ def test_ips_pages_with_a_cursor(open_api: Client):
     ("/api/v1/ips?cursor=garbage!", "cursor"),
     ("/api/v1/ips?cursor=WzEsMl0", "cursor"),  # [1,2]: well-formed, wrong shape
     ("/api/v1/ips?family=5", "family"),
+    ("/api/v1/ips?min_messages=99999999999999999999999", "min_messages"),
+    (f"/api/v1/ips?cursor={encode_cursor(10**30, '1')}", "cursor"),
     ("/api/v1/ips?min_message=3", "min_message"),
     ("/api/v1/ips/not-an-ip", "ip"),
     ("/api/v1/ips/192.0.2.1?sessions=5000", "sessions"),
@@ -249,6 +251,11 @@ def test_export_formats(open_api: Client):
     assert "127.0.0.1" not in entries  # RFC 5782: never list 127.0.0.1
     assert set(entries) == {"127.0.0.2", "192.0.2.1", "192.0.2.2", "198.51.100.7"}
     assert rbl[-1] == "# 1 IPv6 senders left out (an ip4set holds IPv4 only)"
+    # Only IPv6 asked for: the ip4set holds just the test entry.
+    rbl6 = open_api.text("/api/v1/export?format=rbldnsd&family=6").splitlines()
+    assert [x for x in rbl6 if x and not x.startswith(("#", ":"))] == ["127.0.0.2"]
+    nft6 = open_api.text("/api/v1/export?format=nft&family=6")
+    assert "senders_v4 {" in nft6 and "add element inet spamsink senders_v4" not in nft6
     nft = open_api.text("/api/v1/export?format=nft")
     assert "add element inet spamsink senders_v6 { 2001:db8::5 }" in nft
     assert "flush set inet spamsink senders_v4" in nft
