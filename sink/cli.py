@@ -193,9 +193,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         "(DELETE always needs one)")
     memory.add_argument("--api-token-file", default=None, metavar="FILE",
                         help="read the API token from the first line of FILE")
-    memory.add_argument("--retain-sessions", type=_seconds, default=30 * 86400.0,
+    memory.add_argument("--retain-sessions", type=_seconds, default="30d",
                         metavar="DURATION", help="delete sessions older than this (per-sender "
-                        "aggregates are kept); 0 keeps them forever [default: 30d]")
+                        "aggregates are kept); 0 keeps them forever")
     memory.add_argument("--no-record", dest="record", action="store_false",
                         help="record nothing (no store writes; the API still serves the store)")
 
@@ -316,7 +316,6 @@ def _add_ips(subparsers: argparse._SubParsersAction) -> None:
         help="list or export recorded senders from the store (offline)",
         description="Read the senders spamsink serve recorded in --data, also while it "
         "runs, with the API's filters; print a table or an export format.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(parser)
 

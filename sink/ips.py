@@ -39,13 +39,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=("4", "6"), default=None,
                         help="only IPv4 or only IPv6 senders")
     parser.add_argument("--sort", choices=SORTS, default="last_seen",
-                        help="last_seen: latest first; volume: most messages first")
+                        help="last_seen: latest first (default); volume: most messages first")
     parser.add_argument("--format", choices=("table", *FORMATS), default="table",
-                        help="table for people; txt, csv, json, rbldnsd or nft as the API's "
-                        "export")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="table for people (default); txt, csv, json, rbldnsd or nft "
+                        "as the API's export")
+    parser.add_argument("--limit", type=_positive, default=None, metavar="N",
                         help="at most N senders in the table [default: all]")
     parser.set_defaults(handler=run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
