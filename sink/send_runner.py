@@ -104,6 +104,9 @@ class Runner:
         self._publish = publish
         self.stopped = False
         self._interrupt_reason = ""
+        #: Connection attempts in progress: the task making each, and its deadline.
+        self._connecting: dict[asyncio.Task, float] = {}
+        self._timed_out: set[asyncio.Task] = set()
         self.ctx: SessionContext
         self.pool: CountPool | DeadlinePool
         self.stopping: asyncio.Event
@@ -195,47 +198,61 @@ class Runner:
             stats.started = started
         session = SenderSession(self.ctx, started, reserved)
         stage, cause = CONNECT, ""
+        task = asyncio.current_task()
+        assert task is not None
+        self._connecting[task] = started + config.timeout
         try:
-            async with asyncio.timeout(config.timeout):
-                if self._sources is not None:
-                    sock = bound_socket(self._sources.next())
-                    try:
-                        await loop.sock_connect(sock, config.sockaddr)
-                    except BaseException:
-                        sock.close()
-                        raise
-                    await loop.create_connection(
-                        lambda: session, sock=sock, ssl=self._ssl if config.tls else None,
-                        server_hostname=self.ctx.server_hostname if config.tls else None)
-                else:
-                    await loop.create_connection(
-                        lambda: session, config.sockaddr[0], config.port,
-                        ssl=self._ssl if config.tls else None,
-                        server_hostname=self.ctx.server_hostname if config.tls else None)
-        except TimeoutError:
-            cause = "timeout"
+            if self._sources is not None:
+                sock = bound_socket(self._sources.next())
+                try:
+                    await loop.sock_connect(sock, config.sockaddr)
+                except BaseException:
+                    sock.close()
+                    raise
+                await loop.create_connection(
+                    lambda: session, sock=sock, ssl=self._ssl if config.tls else None,
+                    server_hostname=self.ctx.server_hostname if config.tls else None)
+            else:
+                await loop.create_connection(
+                    lambda: session, config.sockaddr[0], config.port,
+                    ssl=self._ssl if config.tls else None,
+                    server_hostname=self.ctx.server_hostname if config.tls else None)
+        except asyncio.CancelledError:
+            if task not in self._timed_out:
+                raise
+            self._timed_out.discard(task)
+            task.uncancel()
+            if not session.connected:  # else it connected just as the deadline passed
+                cause = "timeout"
         except ssl.SSLError:
             stage, cause = TLS, "error"
         except OSError as exc:
             cause = _connect_cause(exc)
         if cause:
+            del self._connecting[task]
             stats.connections_failed += 1
             stats.fail(stage, cause)
             self.pool.give_back(reserved)
             if self.ctx.dialogue is not None:
                 self.ctx.dialogue.note(session.number, f"connect failed: {cause}")
             return None
+        del self._connecting[task]
         if self.stopped:
             session.stop(self._interrupt_reason)
         return session
 
     async def _sweep(self) -> None:
-        """Time out sessions whose awaited reply is late (see the module contract)."""
+        """Time out connection attempts and awaited replies that are late (see the module
+        contract); a late connect is cancelled and counted by :meth:`open_session`."""
         tick = min(1.0, max(0.01, self.config.timeout / 10))
-        active = self.ctx.active
+        active, connecting, timed_out = self.ctx.active, self._connecting, self._timed_out
         while True:
             await asyncio.sleep(tick)
             now = time.perf_counter()
+            for task in [t for t, deadline in connecting.items() if deadline < now]:
+                if task not in timed_out:
+                    timed_out.add(task)
+                    task.cancel()
             for session in [s for s in active if s.deadline < now]:
                 session.timed_out()
 

@@ -184,6 +184,11 @@ class SenderSession(asyncio.Protocol):
         self.ended_by = ""
 
     @property
+    def connected(self) -> bool:
+        """True once the connection is made (and, with --tls, the handshake done)."""
+        return self._transport is not None
+
+    @property
     def number(self) -> int:
         """This connection's number in the process (the ``-v`` dialogue's tag)."""
         return self._id

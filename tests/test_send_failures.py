@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 
@@ -128,3 +129,16 @@ def test_interrupt_prints_the_summary_and_exits_130() -> None:
     assert out["interrupted"] is True
     assert out["unfinished"] == 3  # one message on the wire per sender
     assert out["sent"] >= 3 and out["failed"] == 0
+
+
+def test_connect_timeout_when_the_listen_queue_is_full() -> None:
+    """A server that never accepts: one connection fits its queue (and gets no greeting),
+    the kernel drops the other SYNs, so those connects time out."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        status, out, _ = run_send("-n", "4", "-s", "4", "--timeout", "0.5",
+                                  "-p", str(listener.getsockname()[1]))
+    assert status == 1
+    assert out["failures"] == {"connect timeout": 3, "greeting timeout": 1}
+    assert out["connections"] == {"made": 1, "failed": 3}
