@@ -94,7 +94,7 @@ def test_netdrop_unit_has_only_network_admin_capabilities_and_follows_the_sink()
 
 
 def test_unit_command_lines_use_real_options() -> None:
-    sink = _help(*spamsink_command(), "serve")
+    """The sink takes everything from the environment file; netdrop's options exist."""
     assert _unit_settings("spamsink.service")["ExecStart"] == ["/opt/spamsink/bin/spamsink serve"]
     bin_dir = _bin_dir()
     if not (bin_dir / "netdrop").exists():
@@ -103,7 +103,6 @@ def test_unit_command_lines_use_real_options() -> None:
     (command,) = _unit_settings("netdrop.service")["ExecStart"]
     for option in re.findall(r"(--[a-z-]+)", command):
         assert re.search(rf"^\s+{option}\b", netdrop, re.M), f"netdrop has no {option}"
-    assert "--api" in sink
 
 
 def test_config_template_names_real_serve_options() -> None:

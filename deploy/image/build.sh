@@ -191,5 +191,5 @@ fi
 step "done"
 used=$(du -k "$out" | cut -f1)
 echo "image: $out ($size, $((used / 1024)) MiB used)${qcow2:+, ${out%.img}.qcow2}"
-echo "boot it: qemu-system-x86_64 -m 512 -drive file=$out,format=raw,if=virtio -nic user,hostfwd=tcp::2525-:25,hostfwd=tcp::8025-:8025 -nographic"
+echo "boot it: qemu-system-x86_64 -m 512 -drive file=$out,format=raw,if=virtio -nic user,model=virtio-net-pci,hostfwd=tcp::2525-:25,hostfwd=tcp::8025-:8025 -nographic"
 echo "built in $((SECONDS - step_start)) s"
