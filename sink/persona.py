@@ -18,7 +18,7 @@ Postfix on one machine).
 from __future__ import annotations
 
 import email.utils
-import os
+import random
 import string
 import time
 from collections.abc import Callable, Mapping
@@ -88,10 +88,16 @@ REPLY_KEYS = frozenset(
 )
 
 
+_ids = random.Random()
+
+
 def hex_queue_id() -> str:
-    """A classic Postfix queue id: 10-11 upper-case hex digits (time and inode)."""
+    """A classic Postfix queue id: 11 upper-case hex digits (microseconds and inode).
+
+    Not a secret, so a seeded PRNG (no system call per message) is enough.
+    """
     micro = time.time_ns() // 1000 % 1_000_000
-    return f"{micro:05X}{int.from_bytes(os.urandom(3), 'big'):06X}"[-11:]
+    return f"{micro:05X}{_ids.getrandbits(24):06X}"
 
 
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
@@ -108,7 +114,7 @@ def _base62(number: int, width: int) -> str:
 def exim_message_id() -> str:
     """An Exim 4.96 message id: ``tttttt-pppppp-ff`` in base 62 (time, pid, fraction)."""
     now = time.time_ns()
-    pid = int.from_bytes(os.urandom(3), "big")
+    pid = _ids.getrandbits(24)
     return f"{_base62(now // 10**9, 6)}-{_base62(pid, 6)}-{_base62(now // 10**6 % 1000 // 16, 2)}"
 
 
@@ -315,7 +321,8 @@ EXIM = Persona(
             "quit": "221 {hostname} closing connection",
             "too_many_errors": "421 {hostname} too many syntax or protocol errors",
             "timeout": "421 {hostname} SMTP incoming data timeout - closing connection.",
-            "too_many_connections": "421 {hostname} Too many concurrent SMTP connections; please try again later.",
+            "too_many_connections":
+                "421 {hostname} Too many concurrent SMTP connections; please try again later.",
             "shutdown": "421 {hostname} Service not available - closing connection",
             "session_too_long": "421 {hostname} SMTP command timeout - closing connection",
             # greylistd's suggested Exim ACL: "defer message = ..." (Exim sends 451)
@@ -340,4 +347,5 @@ def get_persona(name: str) -> Persona:
     try:
         return PERSONAS[name]
     except KeyError:
-        raise ValueError(f"unknown persona {name!r}; choose one of: {', '.join(PERSONAS)}") from None
+        known = ", ".join(PERSONAS)
+        raise ValueError(f"unknown persona {name!r}; choose one of: {known}") from None

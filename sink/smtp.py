@@ -39,6 +39,7 @@ _GROUP_ENDERS = frozenset({b"EHLO", b"HELO", b"DATA", b"VRFY", b"EXPN", b"TURN",
 _JUNK = frozenset({b"NOOP", b"VRFY", b"ETRN", b"RSET"})
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
 _XTEXT = re.compile(rb"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _NOTIFY = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
 _MAX_BDAT = 1 << 62
 #: STARTTLS handshakes in progress (a reference keeps their tasks alive).
@@ -125,6 +126,8 @@ class ServerContext:
         self.tracker = tracker or ConnectionTracker()
         self.on_close = on_close
         self.forbidden = frozenset(c.encode() for c in persona.forbidden_commands)
+        self.soft_errors = persona.soft_error_limit if persona.error_sleep else 1 << 62
+        self.escalates = tarpit.escalates
         self.sessions: set[SMTPSession] = set()
         self.shutting_down = False
         self.loop = asyncio.get_event_loop()
@@ -169,8 +172,10 @@ class ServerContext:
         """
         local = address[address.rfind(":") + 1:] if address.startswith("@") else address
         at = local.rfind("@")
-        if at > 0 and any(c in local[:at] for c in "@%!"):
-            return False
+        if at > 0:
+            local_part = local[:at]
+            if "@" in local_part or "%" in local_part or "!" in local_part:
+                return False
         if self.domains is None:
             return True
         return domain_accepted(address, self.domains)
@@ -220,7 +225,7 @@ def _parse_path(arg: bytes, keyword: bytes) -> tuple[int, bytes, list[bytes]]:
     else:
         parts = rest.split(None, 1)
         address, rest = parts[0], parts[1] if len(parts) > 1 else b""
-    if any(c < 0x20 or c == 0x7F for c in address):
+    if _CONTROL.search(address):
         return 2, b"", []
     return 0, address, rest.split()
 
@@ -427,6 +432,10 @@ class SMTPSession(asyncio.Protocol):
     def _reply(self, data: bytes, stage: Stage = Stage.COMMAND, wait: float = 0.0) -> None:
         """Queue one reply; the tarpit, ``wait`` or the error sleep may hold it back."""
         ctx = self._ctx
+        if (self._held is None and self._pacer is None and not wait and not ctx.escalates
+                and self._errors < ctx.soft_errors):
+            self._out.append(data)  # the common case: no pacing of any kind
+            return
         delay = wait + (ctx.persona.error_sleep if self._errors >= ctx.persona.soft_error_limit
                         else 0.0)
         interval = 0.0
@@ -508,8 +517,8 @@ class SMTPSession(asyncio.Protocol):
             transport.write(out[0] if len(out) == 1 else b"".join(out))
             if self._held is None:
                 self._greeted = True
-            if self._close_after and self._held is None:
-                transport.close()
+                if self._close_after:
+                    transport.close()
         out.clear()
 
     # -- input ----------------------------------------------------------------------
@@ -582,7 +591,11 @@ class SMTPSession(asyncio.Protocol):
             elif self._record is not None:
                 self._record.flags |= _F_BARE_LF
                 self._record.bare_lf += 1
-            verb = self._command(line)
+            verb = self._dispatch(line)
+            # As Postfix does, the hard error limit is checked after every reply, so
+            # the persona's 421 follows the reply that reached it at once.
+            if self._errors >= self._ctx.limits.errors and not self._close_after:
+                self._end(EndReason.LIMIT, "too_many_errors")
             if pos < size and self._record is not None and (
                 not self._esmtp or verb in _GROUP_ENDERS
             ) and verb != b"QUIT":
@@ -671,18 +684,8 @@ class SMTPSession(asyncio.Protocol):
 
     # -- commands -------------------------------------------------------------------
 
-    def _command(self, line: bytes) -> bytes:
-        """Answer one command line (without its line ending). Returns the verb.
-
-        As Postfix does, the hard error limit is checked after every reply, so the
-        persona's 421 follows the reply that reached it at once.
-        """
-        verb = self._dispatch(line)
-        if self._errors >= self._ctx.limits.errors and not self._close_after:
-            self._end(EndReason.LIMIT, "too_many_errors")
-        return verb
-
     def _dispatch(self, line: bytes) -> bytes:
+        """Answer one command line (without its line ending). Returns the verb."""
         ctx = self._ctx
         record = self._record
         self._commands += 1
@@ -699,16 +702,17 @@ class SMTPSession(asyncio.Protocol):
         verb = parts[0].upper()
         arg = parts[1] if len(parts) > 1 else b""
         persona = ctx.persona
-        if (verb in ctx.forbidden
-                or (persona.forbid_non_alpha and not 0x41 <= verb[0] <= 0x5A)
-                or (persona.forbid_header_lines and _HEADER_LINE.match(line))):
-            if record is not None:
-                record.flags |= Flag.NON_SMTP
-            self._end(EndReason.FORBIDDEN, "forbidden")
-            return verb
         handler = _HANDLERS.get(verb)
         if handler is None:
-            self._error(ctx.reply("unknown"))
+            # No known verb is forbidden, so these checks stay off the common path.
+            if (verb in ctx.forbidden
+                    or (persona.forbid_non_alpha and not 0x41 <= verb[0] <= 0x5A)
+                    or (persona.forbid_header_lines and _HEADER_LINE.match(line))):
+                if record is not None:
+                    record.flags |= Flag.NON_SMTP
+                self._end(EndReason.FORBIDDEN, "forbidden")
+            else:
+                self._error(ctx.reply("unknown"))
             return verb
         if verb in _JUNK:
             if self._junk > persona.junk_command_limit:

@@ -1,0 +1,222 @@
+"""CPU per message of the sink against its peers, side by side in one run.
+
+Servers: ``spamsink serve`` (recording on, per-session log off), Postfix's C
+``smtp-sink``, and aiosmtpd's discard ``Sink`` handler (on asyncio and on uvloop).
+Load: Postfix's ``smtp-source -s 50 -l 1024``, once with a new connection per message
+and once reusing connections (``-d``). For each we read the server process's CPU time
+(utime + stime of the process and its children, from /proc) before and after, and
+report µs of server CPU per message, messages per second, and the p50/p99 latency of
+a NOOP round trip measured by a probe client while the load runs.
+
+Run as root (smtp-sink drops to ``nobody``)::
+
+    .venv/bin/python bench/bench_sink.py [--messages 20000] [--rounds 3]
+
+Needs Debian's postfix package (smtp-sink, smtp-source) and the dev extra (aiosmtpd).
+Prints a Markdown table; the machine is shared, so compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+AIOSMTPD_UVLOOP = (
+    "import asyncio, sys, uvloop\n"
+    "from aiosmtpd.controller import Controller\n"
+    "from aiosmtpd.handlers import Sink\n"
+    "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
+    "async def main():\n"
+    "    from aiosmtpd.smtp import SMTP\n"
+    "    loop = asyncio.get_running_loop()\n"
+    "    server = await loop.create_server(lambda: SMTP(Sink()), '127.0.0.1', int(sys.argv[1]))\n"
+    "    await server.serve_forever()\n"
+    "asyncio.run(main())\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.recv(100)
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of ``pid`` and its live children (workers), in seconds."""
+    total = 0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for each in pids:
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+@dataclass
+class Result:
+    server: str
+    shape: str
+    messages: int
+    seconds: float
+    cpu: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def us_per_message(self) -> float:
+        return self.cpu / self.messages * 1e6
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+def probe_latency(port: int, stop: threading.Event, out: list[float]) -> None:
+    """NOOP round trips on one connection until ``stop``; times in ms into ``out``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            while not stop.is_set():
+                started = time.perf_counter()
+                sock.sendall(b"NOOP\r\n")
+                reader.readline()
+                out.append((time.perf_counter() - started) * 1000)
+                time.sleep(0.005)
+            sock.sendall(b"QUIT\r\n")
+    except OSError:
+        pass
+
+
+def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    python = sys.executable
+    if name == "spamsink":
+        command = [python, "-m", "sink.cli", "serve", "--smtp", f"127.0.0.1:{port}",
+                   "--data", str(workdir / "spamsink"), "--api", f"127.0.0.1:{free_port()}",
+                   "--hostname", "mx.example.com", "--log-level", "warning",
+                   "--max-connections-per-ip", "1000"]
+    elif name == "smtp-sink":
+        command = ["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "1000"]
+    elif name == "aiosmtpd":
+        command = [python, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
+                   "-c", "aiosmtpd.handlers.Sink"]
+    elif name == "aiosmtpd-uvloop":
+        command = [python, "-c", AIOSMTPD_UVLOOP, str(port)]
+    else:
+        raise ValueError(name)
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def run_load(name: str, shape: str, messages: int, workdir: Path) -> Result:
+    port = free_port()
+    server = start_server(name, port, workdir)
+    try:
+        time.sleep(0.3)
+        before = cpu_seconds(server.pid)
+        latencies: list[float] = []
+        stop = threading.Event()
+        probe = threading.Thread(target=probe_latency, args=(port, stop, latencies))
+        probe.start()
+        command = ["/usr/sbin/smtp-source", "-s", "50", "-l", "1024", "-m", str(messages),
+                   "-f", "bench@example.net", "-t", "sink@example.org"]
+        if shape == "reused":
+            command.append("-d")
+        started = time.monotonic()
+        subprocess.run([*command, f"127.0.0.1:{port}"], check=True, timeout=600,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.monotonic() - started
+        stop.set()
+        probe.join()
+        time.sleep(0.3)
+        cpu = cpu_seconds(server.pid) - before
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    ordered = sorted(latencies) or [0.0]
+    return Result(name, shape, messages, seconds, cpu,
+                  statistics.median(ordered), ordered[int(len(ordered) * 0.99) - 1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
+    parser.add_argument("--servers", default="spamsink,smtp-sink,aiosmtpd,aiosmtpd-uvloop")
+    args = parser.parse_args()
+    for tool in ("/usr/sbin/smtp-sink", "/usr/sbin/smtp-source"):
+        if not os.access(tool, os.X_OK):
+            print(f"needs {tool} (apt-get install postfix)", file=sys.stderr)
+            return 2
+    servers = args.servers.split(",")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sink-"))
+    results: dict[tuple[str, str], list[Result]] = {}
+    try:
+        for _ in range(args.rounds):
+            for shape in ("per-message", "reused"):
+                for name in servers:  # interleaved, so noise hits every server alike
+                    result = run_load(name, shape, args.messages, workdir)
+                    results.setdefault((name, shape), []).append(result)
+                    print(f"  {name:16} {shape:11} {result.us_per_message:7.1f} µs/msg "
+                          f"{result.rate:8.0f} msg/s", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def median(name: str, shape: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in results[(name, shape)])
+
+    print(f"\nMachine: {platform.node()} {os.cpu_count()} cores, {platform.platform()}, "
+          f"Python {platform.python_version()}; {args.messages} messages of 1 KB, "
+          f"smtp-source -s 50 -l 1024, median of {args.rounds} interleaved rounds.\n")
+    print("| server | shape | µs server CPU / message | vs smtp-sink | vs aiosmtpd "
+          "| messages/s | NOOP p50 ms | NOOP p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in ("per-message", "reused"):
+        base = median("smtp-sink", shape, "us_per_message") if "smtp-sink" in servers else None
+        peer = median("aiosmtpd", shape, "us_per_message") if "aiosmtpd" in servers else None
+        for name in servers:
+            us = median(name, shape, "us_per_message")
+            print(f"| {name} | {shape} | {us:.1f} | "
+                  f"{us / base:.2f}x | " if base else f"| {name} | {shape} | {us:.1f} | - | ",
+                  end="")
+            print(f"{us / peer:.2f}x | " if peer else "- | ", end="")
+            print(f"{median(name, shape, 'rate'):.0f} | {median(name, shape, 'p50_ms'):.2f} | "
+                  f"{median(name, shape, 'p99_ms'):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
