@@ -3,6 +3,8 @@ Postfix's ``smtp-sink``, all on loopback sockets."""
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import subprocess
 import time
@@ -194,3 +196,37 @@ def test_against_postfix_smtp_sink(smtp_sink: int, extra: tuple[str, ...]) -> No
     assert (out["sent"], out["failed"], out["connections"]["made"]) == (1000, 0, 100)
     if extra:
         assert out["extensions"] == {"PIPELINING": 100}
+
+
+def test_implicit_tls(tmp_path: Path) -> None:
+    smtps_port = free_port()
+    with SinkProcess(tmp_path / "data", ["--smtps", f"127.0.0.1:{smtps_port}",
+                                         "--log-level", "warning"]):
+        wait_for_port("127.0.0.1", smtps_port)
+        status, out, _ = run_send("-n", "6", "-s", "2", "-m", "3", "--tls",
+                                  "-p", str(smtps_port))
+    assert status == 0, out
+    assert out["sent"] == 6 and out["extensions"] == {"TLS": 2}
+
+
+def test_progress_line_only_on_a_terminal(sink: SinkProcess) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*spamsink_command(), "send", "-t", "1", "-s", "2",
+                             "-p", str(sink.port)],
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    stdout, _ = proc.communicate(timeout=60)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    assert b"\r\x1b[Ksent " in seen and b"s elapsed" in seen and b"left" in seen
+    assert seen.endswith(b"\r\x1b[K")  # cleared before the summary
+    assert stdout.startswith("Sent ")
