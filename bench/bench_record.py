@@ -75,11 +75,14 @@ def recorded_sessions(data: Path) -> int:
     return row[0] if row else 0
 
 
-def sink_run(record: bool, messages: int, per_connection: int) -> dict[str, float]:
-    """One server, one smtp-source load; CPU µs per message and messages/s."""
+def sink_run(record: bool, messages: int, per_connection: int,
+             pin: int | None = None) -> dict[str, float]:
+    """One server (on CPU ``pin`` if given), one smtp-source load; CPU µs per message
+    and messages/s."""
     data = Path(tempfile.mkdtemp(prefix="rec4-bench-"))
     port = free_port()
-    command = [*spamsink_command(), "serve", "--smtp", f"127.0.0.1:{port}", "--data",
+    taskset = ["taskset", "-c", str(pin)] if pin is not None else []
+    command = [*taskset, *spamsink_command(), "serve", "--smtp", f"127.0.0.1:{port}", "--data",
                str(data), "--hostname", "mx.example.com", "--log-level", "warning",
                "--api", "off", *([] if record else ["--no-record"])]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,12 +119,13 @@ def sink_run(record: bool, messages: int, per_connection: int) -> dict[str, floa
             "loop_us": main_cpu / messages * 1e6, "other_us": (cpu - main_cpu) / messages * 1e6}
 
 
-def sink_cost(rounds: int, messages: int, per_connection: int) -> list[str]:
+def sink_cost(rounds: int, messages: int, per_connection: int,
+              pin: int | None = None) -> list[str]:
     """Table rows for one load: off and on, alternating, ``rounds`` times each."""
     results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for _ in range(rounds):
         for record in (False, True):
-            results[record].append(sink_run(record, messages, per_connection))
+            results[record].append(sink_run(record, messages, per_connection, pin))
     rows = []
     summary = {}
     for record, label in ((False, "off (`--no-record`)"), (True, "on")):
@@ -201,6 +205,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20_000, help="messages per round")
     parser.add_argument("--records", type=int, default=200_000,
                         help="records per recorder throughput run")
+    parser.add_argument("--pin", type=int, default=None, metavar="CPU",
+                        help="also run the one-message-per-connection load with the server "
+                        "pinned to this CPU (taskset): event loop and writer share it")
     args = parser.parse_args()
     if not os.access(SMTP_SOURCE, os.X_OK):
         print(f"needs Postfix's {SMTP_SOURCE} (apt-get install postfix)", file=sys.stderr)
@@ -213,6 +220,13 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for per_connection in (1, 1000):
         for row in sink_cost(args.rounds, args.messages, per_connection):
+            print(row, flush=True)
+    if args.pin is not None:
+        print(f"\nServer pinned to CPU {args.pin} (`taskset -c {args.pin}`), smtp-source free:\n")
+        print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
+              "of which writer thread | msgs/s | sessions in store |")
+        print("|---|---|---|---|---|---|---|")
+        for row in sink_cost(args.rounds, args.messages, 1, args.pin):
             print(row, flush=True)
     print(f"\n### Recorder into SQLite ({args.records:,} sessions per run)\n")
     print("| senders | sessions/s | writer CPU µs/session |")
