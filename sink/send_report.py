@@ -102,7 +102,8 @@ def render_text(data: dict[str, Any]) -> str:
     for key, n in data["failures"].items():
         lines.append(f"  {key}: {n}")
     if data["unfinished"] or data["not_attempted"] or data["interrupted"]:
-        why = "interrupted" if data["interrupted"] else "stopped"
+        why = ("interrupted" if data["interrupted"] else
+               "end of hold" if data.get("hold") else "stopped")
         lines.append(f"Unfinished ({why}): {data['unfinished']} on the wire, "
                      f"{data['not_attempted']} not attempted")
     lines.append(f"Bytes: {data['bytes']['sent']} sent, {data['bytes']['received']} received")
