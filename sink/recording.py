@@ -24,12 +24,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sink.api import Api, ApiServer, ApiThread
 from sink.metrics import MULTIPROC_ENV, SinkMetrics, exposition, mark_worker_dead
 from sink.record import Recorder, SessionRecord
 from sink.store import StoreWriter, ensure_store, open_reader, open_writer
 
 if TYPE_CHECKING:
+    from sink.api import ApiServer, ApiThread
     from sink.server import Settings
 
 log = logging.getLogger("spamsink.record")
@@ -88,6 +88,8 @@ async def start_api(settings: Settings, recording: Recording | None) -> ApiServe
     samples ``recording`` at each scrape. ``ValueError`` saying why when it cannot listen."""
     if settings.api is None:
         return None
+    from sink.api import Api, ApiServer  # aiohttp: ~0.2 s to import, only where it serves
+
     if recording is None:
         scrape = lambda: exposition(None)  # noqa: E731
     else:
@@ -124,6 +126,8 @@ class WorkerFleet:
         os.environ[MULTIPROC_ENV] = self.metrics_dir
         self.api: ApiThread | None = None
         if settings.api is not None:
+            from sink.api import Api, ApiServer, ApiThread
+
             api = Api(open_reader(settings.data), settings.api_token,
                       lambda: exposition(None, self.metrics_dir))
             self.api = ApiThread(ApiServer(api, settings.api.host, settings.api.port))
