@@ -111,6 +111,12 @@ def test_senders_appear_with_their_counts_within_two_seconds(tmp_path: Path, wor
             time.sleep(0.1)
         assert "spamsink_active_connections" in metrics
         assert "127.0.0" not in metrics
+        # Many sessions from one sender: with two workers the kernel spreads them over
+        # both, which write the same aggregate row; none may be lost.
+        for _ in range(30):
+            send(sink.port, "127.0.0.3", 1, "127.0.0.1")
+        wait_for_senders(sink, {"127.0.0.3": senders["127.0.0.3"] + 30}, within=2.0)
+        assert api_get(sink, "/api/v1/ips/127.0.0.3")["sender"]["sessions"] == 31
     assert sink.proc is None
 
 
