@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -80,6 +81,50 @@ def cpu_seconds(pid: int) -> float:
     return total / TICK
 
 
+def rss_kb(pid: int) -> int:
+    """Resident memory of ``pid`` and its live children, in KiB."""
+    total = 0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for each in pids:
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def idle_cost(name: str, connections: int, workdir: Path) -> float:
+    """Bytes of server RSS per idle connection (greeted, then silent)."""
+    port = free_port()
+    server = start_server(name, port, workdir)
+    sockets: list[socket.socket] = []
+    try:
+        time.sleep(0.5)
+        before = rss_kb(server.pid)
+        for index in range(connections):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                                source_address=(f"127.0.{index % 250 + 2}.1", 0))
+            except OSError as exc:
+                print(f"  {name}: connection {index} failed: {exc}", file=sys.stderr)
+                return float("nan")
+            sockets.append(sock)
+        for sock in sockets:
+            sock.recv(200)  # the greeting: the server has set the session up
+        time.sleep(1.0)
+        return (rss_kb(server.pid) - before) * 1024 / connections
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 @dataclass
 class Result:
     server: str
@@ -122,7 +167,7 @@ def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
         command = [python, "-m", "sink.cli", "serve", "--smtp", f"127.0.0.1:{port}",
                    "--data", str(workdir / "spamsink"), "--api", f"127.0.0.1:{free_port()}",
                    "--hostname", "mx.example.com", "--log-level", "warning",
-                   "--max-connections-per-ip", "1000"]
+                   "--max-connections-per-ip", "100000", "--max-connections", "100000"]
     elif name == "smtp-sink":
         command = ["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "1000"]
     elif name == "aiosmtpd":
@@ -176,7 +221,12 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
     parser.add_argument("--servers", default="spamsink,smtp-sink,aiosmtpd,aiosmtpd-uvloop")
+    parser.add_argument("--idle", type=int, default=5000,
+                        help="idle connections for the memory measurement (0 = skip)")
     args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, max(soft, 2 * args.idle + 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     for tool in ("/usr/sbin/smtp-sink", "/usr/sbin/smtp-source"):
         if not os.access(tool, os.X_OK):
             print(f"needs {tool} (apt-get install postfix)", file=sys.stderr)
@@ -192,6 +242,7 @@ def main() -> int:
                     results.setdefault((name, shape), []).append(result)
                     print(f"  {name:16} {shape:11} {result.us_per_message:7.1f} µs/msg "
                           f"{result.rate:8.0f} msg/s", file=sys.stderr)
+        idle = {name: idle_cost(name, args.idle, workdir) for name in servers} if args.idle else {}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -215,6 +266,12 @@ def main() -> int:
             print(f"{us / peer:.2f}x | " if peer else "- | ", end="")
             print(f"{median(name, shape, 'rate'):.0f} | {median(name, shape, 'p50_ms'):.2f} | "
                   f"{median(name, shape, 'p99_ms'):.2f} |")
+    if idle:
+        print(f"\n| server | server RSS per idle connection ({args.idle} connections) |")
+        print("|---|---|")
+        for name, cost in idle.items():
+            shown = "n/a (refused connections)" if cost != cost else f"{cost / 1024:.2f} KiB"
+            print(f"| {name} | {shown} |")
     return 0
 
 
