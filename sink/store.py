@@ -276,8 +276,7 @@ class StoreReader(abc.ABC):
         the keyset ``after`` (sort value and ip of the previous page's last row)."""
 
     @abc.abstractmethod
-    def iter_ips(self, flt: IpFilter, sort: str = "last_seen",
-                 columns: Sequence[str] = IP_COLUMNS) -> Iterator[list[tuple]]:
+    def iter_ips(self, flt: IpFilter, sort: str = "last_seen") -> Iterator[list[tuple]]:
         """Every aggregate matching ``flt`` as chunks of rows, in bounded memory."""
 
     @abc.abstractmethod
@@ -503,10 +502,10 @@ class SQLiteReader(StoreReader):
             conn.close()
 
     def iter_ips(self, flt: IpFilter, sort: str = "last_seen",
-                 columns: Sequence[str] = IP_COLUMNS, chunk: int = 2000) -> Iterator[list[tuple]]:
+                 chunk: int = 2000) -> Iterator[list[tuple]]:
         column = _SORT_COLUMN[sort]
         where, params = flt.where()
-        sql = (f"SELECT {', '.join(columns)} FROM ips WHERE {where} "
+        sql = (f"SELECT {', '.join(IP_COLUMNS)} FROM ips WHERE {where} "
                f"ORDER BY {column} DESC, ip DESC")
         conn = self._open()
         try:
