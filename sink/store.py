@@ -547,7 +547,8 @@ class SQLiteReader(StoreReader):
 
     def netdrop_counts(self, ip: str) -> dict[str, object] | None:
         """netdrop's packet counts for ``ip`` from ``netdrop.sqlite``, read-only; ``None``
-        when netdrop has no file or no row for it."""
+        when netdrop has no file or no row for it, ``{"error": ...}`` when its table
+        cannot be read."""
         if self.netdrop is None or not self.netdrop.exists():
             return None
         try:
