@@ -90,6 +90,7 @@ class MessageSource:
         "_head",
         "_tag",
         "_tail",
+        "_tail_dot",
     )
 
     def __init__(self, *, sender: str, recipient: str, subject: str, body_bytes: int,
@@ -103,11 +104,13 @@ class MessageSource:
                           f"Date: {formatdate(localtime=True)}\r\nMessage-ID: <").encode()
             body = filler(body_bytes)
             self._tail = b"@spamsink.send>\r\n\r\n" + body
+            self._tail_dot = self._tail + (b".\r\n" if body.endswith(b"\r\n") or not body
+                                           else b"\r\n.\r\n")
             self._data: list[bytes] = []
             self._bdat: list[bytes] = []
             self._cycle = itertools.count()
         else:
-            self._head = self._tail = b""
+            self._head = self._tail = self._tail_dot = b""
             self._data = [dot_stuff(b) for b in bodies]
             self._bdat = [normalise(b) for b in bodies]
             self._cycle = itertools.count(offset)
@@ -118,7 +121,7 @@ class MessageSource:
     def data_payload(self) -> bytes:
         """The next message, dot-stuffed and terminated, to send after a 354 reply."""
         if self._generated:
-            return dot_stuff_generated(self._generate())
+            return b"%s%d.%s%s" % (self._head, next(self._counter), self._tag, self._tail_dot)
         return self._data[next(self._cycle) % len(self._data)]
 
     def bdat_payload(self) -> bytes:
@@ -127,9 +130,3 @@ class MessageSource:
             return self._generate()
         return self._bdat[next(self._cycle) % len(self._bdat)]
 
-
-def dot_stuff_generated(message: bytes) -> bytes:
-    """End a generated message (CRLF lines, no line starting with a dot) for DATA."""
-    if message.endswith(b"\r\n"):
-        return message + b".\r\n"
-    return message + b"\r\n.\r\n"

@@ -98,9 +98,12 @@ async def run_hold(runner: Runner, deadline: float) -> HoldResult:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(runner.stopping.wait(),
                                timeout=max(0.0, deadline - time.perf_counter()))
+    sampling.cancel()
+    if not runner.stopped:  # the sample due at the deadline, taken before closing
+        due = int(config.duration / result.interval + 1e-9)
+        result.samples.extend([len(runner.ctx.active)] * (due - len(result.samples)))
     runner.interrupt("end of hold")
     await asyncio.gather(*openers)
-    sampling.cancel()
     await asyncio.gather(*(s.done for s in sessions))
     if remaining:
         result.ends["not opened"] = remaining

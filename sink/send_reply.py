@@ -20,6 +20,7 @@ Reply = tuple[int, list[bytes]]
 
 #: Longest reply line accepted (RFC 5321 allows 512; real servers send longer).
 MAX_LINE = 8192
+_CODES = {b"%d" % code: code for code in range(200, 600)}
 
 
 class ReplyError(ValueError):
@@ -60,12 +61,13 @@ class ReplyParser:
     def feed(self, data: bytes) -> list[Reply]:
         """Every reply completed by ``data``, in order; raises :class:`ReplyError`."""
         # Fast path: one complete single-line reply, the common case.
-        if (not self._buf and not self._lines and data[-2:] == b"\r\n" and len(data) > 4
-                and data.find(b"\n") == len(data) - 1 and data[3] == 32
-                and data[:3].isdigit() and 50 <= data[0] <= 53):
-            if len(data) - 2 > self.max_line:
-                raise ReplyError(f"reply line longer than {self.max_line} bytes")
-            return [(int(data[:3]), [data[4:-2]])]
+        size = len(data)
+        if (size > 5 and data[3] == 32 and data.find(b"\n") == size - 1
+                and data[size - 2] == 13 and size - 2 <= self.max_line
+                and not self._buf and not self._lines):
+            code = _CODES.get(data[:3])
+            if code is not None:
+                return [(code, [data[4:-2]])]
         buf = self._buf + data if self._buf else data
         replies: list[Reply] = []
         start = 0

@@ -219,6 +219,7 @@ class Runner:
                     server_hostname=self.ctx.server_hostname if config.tls else None)
         except asyncio.CancelledError:
             if task not in self._timed_out:
+                del self._connecting[task]
                 raise
             self._timed_out.discard(task)
             task.uncancel()
