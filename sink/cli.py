@@ -341,7 +341,8 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
         description="A load generator for any SMTP server, command-line compatible with "
         "smtpsend: -n N sends exactly N messages, -t S sends for S seconds. Prints "
         "smtpsend's summary lines, then connections, failures by stage and cause, bytes "
-        "and latency percentiles per stage; exits 1 when any message failed.",
+        "and latency percentiles per stage; exits 1 when any message failed. Every long "
+        "option can also be set as SPAMSINK_<OPTION>.",
         usage="spamsink send [-s senders] [-m msgs/conn] [-b bytes] (-n total | -t seconds) "
         "[-p port] [-F from] [-T to] [-S subject] [-v] [options] [host]",
     )
@@ -387,7 +388,7 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
     smtp.add_argument("--body", default=None, metavar="FILE|DIR",
                       help="send this message file (or every file in DIR, round-robin) as "
                       "it is, CRLF-normalised and dot-stuffed, instead of a generated one")
-    smtp.add_argument("--timeout", type=_seconds, default=None,
+    smtp.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                       help="seconds to wait for a connect or any reply [30; 3600 with --hold]")
 
     load = parser.add_argument_group("load")
@@ -397,7 +398,7 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--source", default=None, metavar="ADDRS",
                       help="bind connections round-robin to these local addresses: "
                       "ADDR[,ADDR...] or a range such as 127.0.0.2-127.0.0.254")
-    load.add_argument("--procs", type=_positive_int, default=1,
+    load.add_argument("--procs", type=_positive_int, default=1, metavar="N",
                       help="worker processes (one event loop each) to use more than one core")
     load.add_argument("--hold", type=_positive_int, default=None, metavar="N",
                       help="tarpit capacity test: open N connections and stay in the "
