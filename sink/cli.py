@@ -34,12 +34,13 @@ def _seconds(text: str) -> float:
     """Seconds, or a number with a unit: 30s, 5m, 2h, 30d."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = text.strip().lower()
-    scale = units.get(text[-1:], None)
+    scale = units.get(text[-1:])
     number = text[:-1] if scale else text
     try:
         value = float(number) * (scale or 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30, 30s, 5m, 2h, 30d)")
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use 30, 30s, 5m, 2h, 30d)") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
@@ -49,11 +50,11 @@ def _bytes(text: str) -> int:
     """A byte count, optionally with k/M/G (powers of 1024)."""
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     text = text.strip().lower().removesuffix("b")
-    scale = units.get(text[-1:], None)
+    scale = units.get(text[-1:])
     try:
         value = int(float(text[:-1] if scale else text) * (scale or 1))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use 1024, 64k, 10M)")
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use 1024, 64k, 10M)") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
     return value

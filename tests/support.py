@@ -35,7 +35,7 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s") from None
             time.sleep(0.05)
 
 
@@ -123,4 +123,5 @@ def need_tool(name: str) -> str:
 def need_root() -> None:
     """Skip the test unless it runs as root."""
     if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, NFQUEUE or privileged ports); .ci/run runs as root")
+        pytest.skip("needs root (network namespaces, NFQUEUE or privileged ports); "
+                    ".ci/run runs as root")

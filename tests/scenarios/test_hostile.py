@@ -86,9 +86,9 @@ def test_tls_client_hello_on_the_plain_port(strict_sink: SinkProcess) -> None:
     raw = socket.create_connection((strict_sink.host, strict_sink.port), timeout=10)
     context = ssl._create_unverified_context()
     started = time.monotonic()
-    with pytest.raises((ssl.SSLError, OSError)):
-        with context.wrap_socket(raw, server_hostname="mx.example.com") as tls:
-            tls.recv(10)
+    with pytest.raises((ssl.SSLError, OSError)), \
+            context.wrap_socket(raw, server_hostname="mx.example.com") as tls:
+        tls.recv(10)
     assert time.monotonic() - started < 8
     _served_normally(strict_sink)
 
@@ -179,7 +179,8 @@ def test_connections_per_ip_and_in_total(tmp_path: Path) -> None:
         held = [_connect(sink, "127.0.0.2") for _ in range(3)]
         over = socket.create_connection((sink.host, sink.port), timeout=5,
                                         source_address=("127.0.0.2", 0))
-        assert over.makefile("rb").read() == b"421 4.7.0 mx.example.com Error: too many connections\r\n"
+        refusal = b"421 4.7.0 mx.example.com Error: too many connections\r\n"
+        assert over.makefile("rb").read() == refusal
         over.close()
         held += [_connect(sink, "127.0.0.3") for _ in range(2)]
         over = socket.create_connection((sink.host, sink.port), timeout=5,
