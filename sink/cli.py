@@ -178,7 +178,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                        help="SO_RCVBUF of the listener (kernel minimum 2304 after doubling): a "
                        "small receive window for every client")
     costs.add_argument("--window-clamp", type=_bytes, default=None,
-                       help="TCP_WINDOW_CLAMP per connection (kernel minimum 1152)")
+                       help="a small receive window per connection (SO_RCVBUF and "
+                       "TCP_WINDOW_CLAMP on the accepted socket, minimum 1152); the window "
+                       "already offered stays, so it bites beyond the first ~64 KB")
     costs.add_argument("--drop-rate", type=_fraction, default=0.0, metavar="P",
                        help="drop this fraction of the client's packets with a BPF socket "
                        "filter so it must retransmit (for hosts where netdrop cannot run)")

@@ -12,6 +12,7 @@ from sink.sockopts import (
     SocketCosts,
     SocketOptionError,
     apply_listener,
+    apply_to_socket,
     attach_drop_filter,
     drop_filter,
     tcp_info,
@@ -118,3 +119,38 @@ def test_missing_privilege_is_named() -> None:
 
     with pytest.raises(SocketOptionError, match="needs root or CAP_NET_ADMIN"):
         attach_drop_filter(Unprivileged(), 0.2)
+
+
+def _segments_for(size: int, costs: SocketCosts | None) -> int:
+    """Data segments a client needs for ``size`` bytes sent after the server's greeting."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    apply_listener(listener, SocketCosts(mss=1460))  # an Ethernet-sized MSS on loopback
+    listener.listen()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        if costs is not None:
+            apply_to_socket(conn, costs)
+        with conn:
+            conn.sendall(b"go")
+            while conn.recv(65536):
+                pass
+
+    server = threading.Thread(target=serve)
+    server.start()
+    with socket.create_connection(listener.getsockname()) as client:
+        client.settimeout(30)
+        assert client.recv(2) == b"go"
+        client.sendall(b"x" * size)
+        client.shutdown(socket.SHUT_WR)
+        server.join(30)
+        raw = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    listener.close()
+    return struct.unpack_from("I", raw, 156)[0]  # tcpi_data_segs_out
+
+
+def test_window_clamp_on_an_accepted_connection_shrinks_the_window() -> None:
+    plain = _segments_for(200_000, None)
+    clamped = _segments_for(200_000, SocketCosts(window_clamp=1152))
+    assert clamped > plain * 1.2, (plain, clamped)
