@@ -68,14 +68,16 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of ``pid`` and its live children (workers), in seconds."""
-    total = 0
-    pids = [pid]
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live children (the workers of a supervisor)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    for each in pids:
+    return [pid, *(int(p) for p in children.read_text().split())] if children.exists() else [pid]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of ``pid`` and its live children, in seconds."""
+    total = 0
+    for each in process_tree(pid):
         fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / TICK
@@ -84,11 +86,7 @@ def cpu_seconds(pid: int) -> float:
 def rss_kb(pid: int) -> int:
     """Resident memory of ``pid`` and its live children, in KiB."""
     total = 0
-    pids = [pid]
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    for each in pids:
+    for each in process_tree(pid):
         for line in Path(f"/proc/{each}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
