@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.support import spamsink_command
+from tests.support import spamsink_command, wait_for_port
 
 T = TypeVar("T")
 
@@ -197,17 +197,8 @@ class Rig:
                             timeout=timeout)
 
     def wait_port(self, ns: str, host: str, port: int, timeout: float = 15.0) -> None:
-        def probe() -> None:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    with socket.create_connection((host, port), timeout=0.5):
-                        return
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"nothing on {host}:{port} in {ns}") from None
-                    time.sleep(0.05)
-        self.call_in(ns, probe)
+        """Wait, inside namespace ``ns``, until something accepts on ``host:port``."""
+        self.call_in(ns, wait_for_port, host, port, timeout)
 
     def start_sink(self, data: Path) -> subprocess.Popen[bytes]:
         """The real ``spamsink serve`` on :2525 (v4 and v6) in the sink namespace."""
