@@ -18,7 +18,7 @@ from tests.support import REPO, need_tool, spamsink_command
 
 UNITS = REPO / "deploy" / "systemd"
 TEMPLATE = REPO / "deploy" / "spamsink.env"
-SCRIPTS = sorted((REPO / "deploy").glob("*/*.sh"))
+SCRIPTS = sorted([*(REPO / "deploy").glob("*/*.sh"), *(REPO / "osv-patches").glob("*.sh")])
 #: Highest `systemd-analyze security` exposure accepted per unit (0 best, 10 worst).
 MAX_EXPOSURE = {"spamsink.service": 2.0, "netdrop.service": 2.5}
 
