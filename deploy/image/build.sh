@@ -95,6 +95,11 @@ chroot_mounts() {
     mount --bind /dev "$root/dev" && mounted+=("$root/dev")
     mount -t tmpfs tmpfs "$root/tmp" && mounted+=("$root/tmp")
 }
+# Commands in the image run with a clean environment, not the build machine's.
+in_chroot() {
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+        DEBIAN_FRONTEND=noninteractive chroot "$root" "$@"
+}
 chroot_unmounts() {
     local m
     for ((i=${#mounted[@]}-1; i>=0; i--)); do
@@ -127,7 +132,7 @@ else
     step "configuring the base system (base.sh)"
     chroot_mounts
     cp "$here/base.sh" "$root/tmp/base.sh"
-    chroot "$root" /bin/sh /tmp/base.sh
+    in_chroot /bin/sh /tmp/base.sh
     chroot_unmounts
     step "caching the base system"
     tar -C "$root" --numeric-owner --xattrs --xattrs-include='*' -cf "$base.new" .
@@ -141,11 +146,10 @@ mkdir -p "$root/tmp/deploy"
 cp -r "$repo/deploy/rig" "$repo/deploy/systemd" "$root/tmp/deploy/"
 cp "$config" "$root/tmp/deploy/spamsink.env"
 cp -r "$work/wheels" "$root/tmp/wheels"
-chroot "$root" /bin/sh /tmp/deploy/rig/install.sh --wheels /tmp/wheels
-chroot "$root" /bin/sh /tmp/deploy/rig/setup-sink.sh --config /tmp/deploy/spamsink.env \
+in_chroot /bin/sh /tmp/deploy/rig/install.sh --wheels /tmp/wheels
+in_chroot /bin/sh /tmp/deploy/rig/setup-sink.sh --config /tmp/deploy/spamsink.env \
     ${token:+--token "$token"}
 chroot_unmounts
-find "$root/opt/spamsink" -name __pycache__ -prune -exec rm -rf {} +
 rm -rf "$root/var/cache/apt/"*.bin "$root/var/lib/apt/lists/"* "$root/root/.cache"
 
 # 4. Filesystem and disk: ext4 made straight from the tree (no loop device, no mount),
