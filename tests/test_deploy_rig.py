@@ -81,6 +81,11 @@ def _senders(sink: str) -> str:
     return result.stdout
 
 
+def _messages_from(sink: str, ip: str) -> int | None:
+    items = json.loads(_senders(sink))["items"]
+    return next((item["messages"] for item in items if item["ip"] == ip), None)
+
+
 @pytest.mark.root
 @pytest.mark.slow
 def test_sender_namespace_mails_the_sink_through_netdrop(
@@ -107,12 +112,11 @@ def test_sender_namespace_mails_the_sink_through_netdrop(
         assert f"Sent {MESSAGES} messages" in sent.stdout, sent.stdout
         assert "Messages failed: 0" in sent.stdout, sent.stdout
 
+        # The recorder writes in batches: wait until every message is in the store.
         deadline = time.monotonic() + 15
-        while SENDER not in (listing := _senders(sink)):
-            assert time.monotonic() < deadline, f"{SENDER} not recorded: {listing}"
+        while _messages_from(sink, SENDER) != MESSAGES:
+            assert time.monotonic() < deadline, f"not {MESSAGES} messages: {_senders(sink)}"
             time.sleep(0.3)
-        item = next(i for i in json.loads(listing)["items"] if i["ip"] == SENDER)
-        assert item["messages"] == MESSAGES, item
     finally:
         rig.send_signal(signal.SIGTERM)
         try:
