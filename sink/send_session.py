@@ -558,17 +558,23 @@ class SenderSession(asyncio.Protocol):
             self._ctx.dialogue.note(self._id, text)
         self._abort("bad reply")
 
-    def _close(self, reason: str) -> None:
+    def _ending(self, reason: str) -> None:
         self.ended_by = reason
         self._closing = True
         self.deadline = inf
+        if self._timer is not None:  # a paced message that will not start now
+            self._timer.cancel()
+            self._timer = None
+
+    def _close(self, reason: str) -> None:
+        """Close after what was written has been sent."""
+        self._ending(reason)
         if self._transport is not None:
             self._transport.close()
 
     def _abort(self, reason: str) -> None:
-        self.ended_by = reason
-        self._closing = True
-        self.deadline = inf
+        """Close now, discarding unsent data."""
+        self._ending(reason)
         if self._transport is not None:
             self._transport.abort()
 
