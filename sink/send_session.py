@@ -297,9 +297,9 @@ class SenderSession(asyncio.Protocol):
 
     def _send(self, command: bytes, stage: int) -> None:
         ctx = self._ctx
+        now = _perf()  # before the write: a fast reply can arrive while write() runs
         self._transport.write(command)  # type: ignore[union-attr]
         ctx.stats.bytes_out += len(command)
-        now = _perf()
         self._expect.append((stage, now))
         self.deadline = now + ctx.timeout
         if ctx.dialogue is not None:
@@ -308,9 +308,9 @@ class SenderSession(asyncio.Protocol):
     def _send_many(self, payload: bytes, commands: bytes, stages: tuple[int, ...]) -> None:
         """Message text (may be empty) followed by commands, in one write."""
         ctx = self._ctx
+        now = _perf()
         self._transport.write(payload + commands if payload else commands)  # type: ignore[union-attr]
         ctx.stats.bytes_out += len(payload) + len(commands)
-        now = _perf()
         expect = self._expect
         for stage in stages:
             expect.append((stage, now))
@@ -363,9 +363,9 @@ class SenderSession(asyncio.Protocol):
         write."""
         ctx = self._ctx
         command = before + b"BDAT %d LAST\r\n" % len(payload)
+        now = _perf()
         self._transport.write(command + payload)  # type: ignore[union-attr]
         ctx.stats.bytes_out += len(command) + len(payload)
-        now = _perf()
         for stage in before_stages:
             self._expect.append((stage, now))
         self._expect.append((BDAT, now))
@@ -511,8 +511,8 @@ class SenderSession(asyncio.Protocol):
         elif self._reserved > 0 and ctx.pool.open():
             self._reserved -= 1
             self._next_held = True
-            self._send_many(payload, ctx.group, (DOT, *ctx.data_stages))
             self._next_start = _perf()
+            self._send_many(payload, ctx.group, (DOT, *ctx.data_stages))
         else:
             self._release()
             self._send_many(payload, _QUIT, (DOT, QUIT))
