@@ -15,6 +15,11 @@ client sent, retransmissions, and the multipliers against the unpaced sink.
 
     .venv/bin/python bench/bench_hold.py hold --counts 10000,50000,100000
     .venv/bin/python bench/bench_hold.py costs
+    .venv/bin/python bench/bench_hold.py floor --count 9000
+
+``floor``: the CPU of writing one byte per second to each of N uvloop transports, with a
+timer per transport (the engine's shape) or one loop over all: what stuttering costs
+at the least.
 """
 
 from __future__ import annotations
@@ -252,15 +257,88 @@ def cost(name: str, args: list[str], messages: int) -> dict[str, object]:
 
 
 def costs(messages: int) -> list[dict[str, object]]:
+    base = cost(*CONFIGS[0], messages)  # alone first: the others start together
     with concurrent.futures.ThreadPoolExecutor(len(CONFIGS)) as pool:
-        rows = list(pool.map(lambda c: cost(c[0], c[1], messages), CONFIGS))
-    base = rows[0]
+        rows = [base, *pool.map(lambda c: cost(c[0], c[1], messages), CONFIGS[1:])]
     for row in rows:
         row["time_x"] = round(row["seconds_per_message"] / base["seconds_per_message"], 1)
         row["segments_x"] = round(row["segments_per_message"] / base["segments_per_message"], 1)
         for key in ("seconds_per_message", "segments_per_message", "retransmits_per_message"):
             row[key] = round(row[key], 3)
     return rows
+
+
+# -- floor ---------------------------------------------------------------------------
+
+
+def floor(count: int, mode: str, seconds: float = 10.0) -> dict[str, object]:
+    """CPU of writing one byte per second to each of ``count`` uvloop transports.
+
+    ``mode`` "timer": one ``call_later`` per transport and byte (the engine's shape);
+    "loop": one timer per second writing to every transport. The floor of stuttering.
+    """
+    import asyncio
+
+    import uvloop
+
+    class Held(asyncio.Protocol):
+        __slots__ = ("transport",)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+    async def run() -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        held: list[Held] = []
+
+        def accept() -> Held:
+            held.append(Held())
+            return held[-1]
+
+        server = await loop.create_server(accept, "127.0.0.1", 0, backlog=4096)
+        port = server.sockets[0].getsockname()[1]
+        clients = []
+        for i in range(count):
+            client = socket.socket()
+            client.setblocking(False)
+            client.bind((f"127.0.0.{2 + i % 250}", 0))
+            with contextlib.suppress(BlockingIOError):
+                client.connect(("127.0.0.1", port))
+            clients.append(client)
+            if i % 500 == 0:
+                await asyncio.sleep(0.01)
+        while len(held) < count:
+            await asyncio.sleep(0.1)
+        stopping = False
+
+        def each(protocol: Held) -> None:
+            if not stopping:
+                protocol.transport.write(b"x")
+                loop.call_later(1.0, each, protocol)
+
+        def every() -> None:
+            if not stopping:
+                for protocol in held:
+                    protocol.transport.write(b"x")
+                loop.call_later(1.0, every)
+
+        if mode == "timer":
+            for i, protocol in enumerate(held):
+                loop.call_later(i / count, each, protocol)
+        else:
+            loop.call_later(0, every)
+        await asyncio.sleep(3)
+        cpu, wall = time.process_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        stopping = True
+        for client in clients:
+            client.close()
+        server.close()
+        return {"floor": mode, "connections": count, "cpu_percent": round(100 * cpu / wall, 1),
+                "us_per_write": round(1e6 * cpu / (count * wall), 1)}
+
+    return uvloop.run(run())
 
 
 def machine() -> str:
@@ -281,6 +359,8 @@ def main() -> None:
                              help="more `spamsink serve` options, e.g. '--stutter 0.1'")
     cost_parser = sub.add_parser("costs", help="sender's time and segments per message")
     cost_parser.add_argument("--messages", type=int, default=3)
+    floor_parser = sub.add_parser("floor", help="CPU floor of one byte/s to N transports")
+    floor_parser.add_argument("--count", type=int, default=9000)
     args = parser.parse_args()
     print(f"# {machine()}", flush=True)
     if args.mode == "hold":
@@ -289,6 +369,10 @@ def main() -> None:
         for count in (int(c) for c in args.counts.split(",")):
             print(json.dumps(hold(count, nofile, args.window, args.sink_args.split())),
                   flush=True)
+    elif args.mode == "floor":
+        raise_nofile()
+        for mode in ("timer", "loop"):
+            print(json.dumps(floor(args.count, mode)), flush=True)
     else:
         for row in costs(args.messages):
             print(json.dumps(row), flush=True)
