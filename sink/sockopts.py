@@ -13,7 +13,9 @@
 * A classic BPF socket filter that drops a random fraction of incoming packets
   (``SO_ATTACH_FILTER``, ``SKF_AD_RANDOM``): on the listener it is inherited by every
   accepted socket (every session); attached to one accepted socket it costs only that
-  sender. Needs root or ``CAP_NET_ADMIN``.
+  sender. Needs root or ``CAP_NET_ADMIN``. The filter decides per packet as the socket
+  receives it: after GRO (a real NIC) or with GSO (loopback) one packet may carry
+  several segments, which are then lost and retransmitted together.
 * :func:`tcp_info` reads ``TCP_INFO``: segments and bytes received, retransmissions.
 
 Everything here raises :class:`SocketOptionError` with a one-line explanation.

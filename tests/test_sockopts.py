@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -102,7 +103,12 @@ def test_drop_filter_makes_the_client_retransmit() -> None:
     client = socket.create_connection(listener.getsockname())
     client.settimeout(30)
     assert client.recv(2) == b"go"
-    client.sendall(b"x" * 20_000)
+    # Loopback passes GSO super-packets: one filter decision for many segments. Small
+    # paced writes make each segment a packet of its own (40 decisions, not one or two).
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for _ in range(40):
+        client.sendall(b"x" * 500)
+        time.sleep(0.002)
     client.shutdown(socket.SHUT_WR)
     assert client.recv(2) == b"ok"
     info = tcp_info(client)
