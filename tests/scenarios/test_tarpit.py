@@ -68,7 +68,7 @@ def test_stuttered_greeting_arrives_at_the_configured_rate(tmp_path: Path) -> No
     assert received == BANNER
     assert reads >= 40  # byte by byte, not one write
     nominal = (len(BANNER) - 1) / 40  # 1.15 s; each reply's rate is jittered by +-20 %
-    assert nominal * 0.8 - 0.05 < elapsed < nominal * 1.2 + 0.3, elapsed
+    assert nominal * 0.8 - 0.05 < elapsed < nominal * 1.2 + 0.6, elapsed  # late timers: slack
 
 
 def test_early_talker_is_tarpitted_while_a_postfix_like_client_is_not(tmp_path: Path) -> None:
