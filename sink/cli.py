@@ -8,6 +8,7 @@ Repeatable options take a comma-separated list there.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -21,6 +22,9 @@ from sink.sockopts import SocketCosts
 from sink.tarpit import PRESETS, WHO, Policy, pacing_from_options
 
 ENV_PREFIX = "SPAMSINK_"
+_ENV_LIST = "_env_list_"
+_TRUE = ("1", "yes", "true", "on")
+_FALSE = ("0", "no", "false", "off", "")
 
 
 def _positive_int(text: str) -> int:
@@ -39,6 +43,8 @@ def _seconds(text: str) -> float:
     try:
         value = float(number) * (scale or 1)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(
             f"not a duration: {text!r} (use 30, 30s, 5m, 2h, 30d)") from None
     if value < 0:
@@ -53,7 +59,7 @@ def _bytes(text: str) -> int:
     scale = units.get(text[-1:])
     try:
         value = int(float(text[:-1] if scale else text) * (scale or 1))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use 1024, 64k, 10M)") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
@@ -214,6 +220,10 @@ def _settings(args: argparse.Namespace, argv: Sequence[str]):  # -> server.Setti
     from sink.server import ListenAddress, Settings, default_data_dir
 
     persona = get_persona(args.persona)
+    for option, value in (("--idle-timeout", args.idle_timeout),
+                          ("--max-session-time", args.max_session_time)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{option} must be more than 0 seconds")
     limits = Limits(
         line_length=args.max_line_length or persona.line_length_limit,
         message_size=args.max_message_size or persona.message_size_limit,
@@ -442,10 +452,18 @@ def _apply_environment(parser: argparse.ArgumentParser, command: str) -> None:
         try:
             if isinstance(action, argparse._AppendAction):
                 items = [item.strip() for item in raw.split(",") if item.strip()]
-                value: object = [action.type(i) if action.type else i for i in items]
-            elif isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction):
-                truthy = raw.strip().lower() in ("1", "yes", "true", "on")
-                value = truthy if isinstance(action, argparse._StoreTrueAction) else not truthy
+                # Kept aside, not as the default: argparse appends to a default list,
+                # and the command line must replace the environment, not extend it.
+                parser.set_defaults(**{_ENV_LIST + action.dest: [
+                    action.type(i) if action.type else i for i in items]})
+                continue
+            if isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction):
+                word = raw.strip().lower()
+                if word not in _TRUE + _FALSE:
+                    raise ValueError(f"use one of {', '.join(_TRUE + _FALSE)}")
+                truthy = word in _TRUE
+                value: object = (truthy if isinstance(action, argparse._StoreTrueAction)
+                                 else not truthy)
             else:
                 value = action.type(raw) if action.type else raw
                 if action.choices is not None and value not in action.choices:
@@ -478,6 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    for key in [k for k in vars(args) if k.startswith(_ENV_LIST)]:
+        env_value = getattr(args, key)
+        delattr(args, key)
+        dest = key[len(_ENV_LIST):]
+        if not getattr(args, dest, None):
+            setattr(args, dest, env_value)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2

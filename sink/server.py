@@ -119,9 +119,18 @@ def open_listener(address: ListenAddress, *, reuse_port: bool, backlog: int,
         try:
             socket.inet_pton(socket.AF_INET, host)
         except OSError:
-            infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+            try:
+                infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {address}: unknown host ({exc})") from None
             family, host = infos[0][0], infos[0][4][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        if family != socket.AF_INET6 or host:
+            raise StartupError(_bind_advice(address, exc)) from None
+        family, sock = socket.AF_INET, socket.socket(socket.AF_INET)  # IPv6 is off here
+        host = "0.0.0.0"
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
@@ -362,6 +371,8 @@ def _supervise(settings: Settings) -> int:
             log.warning("worker %d exited with status %s; restarting it", index, status)
             fleet.worker_exited(proc.pid)
             time.sleep(delay)
+            if stopping:
+                break
             restarts[index] = time.monotonic()
             workers[index] = subprocess.Popen(_worker_command(settings, index))
     for proc in workers.values():

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from sink.record import Flag, SessionRecord
+from sink.smtp import printable
 
 session_log = logging.getLogger("spamsink.session")
 
@@ -68,8 +69,14 @@ class SessionLogger:
         if not session_log.isEnabledFor(logging.INFO):
             return
         fields = session_fields(record)
-        text = " ".join(
-            f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
-            for key, value in fields.items()
-        )
+        text = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
         session_log.info("session %s", text, extra={"session": fields})
+
+
+def _text_value(value: object) -> str:
+    """A value for a key=value line: controls masked, quoted when it has spaces, = or "."""
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    text = printable(text)
+    if any(c in text for c in ' ="'):
+        return json.dumps(text, ensure_ascii=False)
+    return text

@@ -32,7 +32,9 @@ log = logging.getLogger("spamsink.smtp")
 
 _CMD, _DATA, _BDAT = 0, 1, 2
 _END_OF_DATA = b"\r\n.\r\n"
-_SMUGGLING_MARKERS = (b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\n", b"\n.\r")
+#: End-of-data look-alikes other servers accept (SMTP smuggling): a dot line opened or
+#: closed by a bare LF or a bare CR. The real CRLF.CRLF never matches.
+_SMUGGLING = re.compile(rb"(?<!\r)\n\.\r?\n|\r\n\.\n|\r\.\r?\n")
 #: RFC 2920: these may only end a pipelined group.
 _GROUP_ENDERS = frozenset({b"EHLO", b"HELO", b"DATA", b"VRFY", b"EXPN", b"TURN", b"QUIT",
                            b"NOOP", b"STARTTLS", b"AUTH", b"ETRN"})
@@ -42,6 +44,14 @@ _XTEXT = re.compile(rb"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _NOTIFY = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
 _MAX_BDAT = 1 << 62
+#: ``_held`` while a STARTTLS handshake runs: nothing is processed, input is dropped.
+_TLS_PENDING: tuple[bytes, float, float] = (b"", 0.0, 0.0)
+#: Seconds a closing connection may take to drain its output before it is aborted
+#: (a client that stops reading must not keep its slot, and its memory, forever).
+_CLOSE_GRACE = 10.0
+#: Replies gathered from one read before they are written out (and the write buffer's
+#: high-water mark gets a say), so one read cannot make an unbounded reply.
+_MAX_BATCH = 64
 #: STARTTLS handshakes in progress (a reference keeps their tasks alive).
 _UPGRADES: set[asyncio.Future[None]] = set()
 # Plain ints: IntFlag arithmetic is slow on the per-line path.
@@ -181,6 +191,11 @@ class ServerContext:
         return domain_accepted(address, self.domains)
 
 
+def _unmapped(ip: str) -> str:
+    """``::ffff:192.0.2.7`` (an IPv4 client on a dual-stack socket) as ``192.0.2.7``."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
 def printable(text: str) -> str:
     """``text`` safe to echo in a reply: CR, LF, NUL and other controls become ``?``."""
     if text.isprintable():
@@ -317,8 +332,8 @@ class SMTPSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("sockname") or ("", 0)
         record = self._record = SessionRecord(
-            start=time.time(), client_ip=peer[0], client_port=peer[1],
-            local_ip=sock[0], local_port=sock[1], persona=ctx.persona.name,
+            start=time.time(), client_ip=_unmapped(peer[0]), client_port=peer[1],
+            local_ip=_unmapped(sock[0]), local_port=sock[1], persona=ctx.persona.name,
         )
         record.last_stage = "greeting"
         self._started = self._last_activity = ctx.loop.time()
@@ -367,6 +382,10 @@ class SMTPSession(asyncio.Protocol):
         if self._held is not None and self._held[2]:  # gave up waiting for our reply
             record.waited = ctx.loop.time() - self._held[2]
             record.held += record.waited
+        # A pending hold timer finds nothing to send; the buffers go now, not then.
+        self._held = self._queued = None
+        self._input = b""
+        self._line.clear()
         ctx.tarpit.closed(record, self._transport)
         record.commands = self._commands
         record.errors = self._errors
@@ -409,8 +428,13 @@ class SMTPSession(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Server shutdown: say goodbye as the persona does and close."""
-        if self._record is not None:
-            self._end(EndReason.SHUTDOWN, "shutdown", now=True)
+        if self._record is None:
+            return
+        if self._held is _TLS_PENDING and self._transport is not None:
+            self._record.end_reason = EndReason.SHUTDOWN
+            self._transport.abort()  # mid-handshake: no plaintext goodbye
+            return
+        self._end(EndReason.SHUTDOWN, "shutdown", now=True)
 
     def _end(self, reason: EndReason, key: str, *, now: bool = False) -> None:
         """Send the persona's closing reply ``key`` and close after it is written."""
@@ -492,9 +516,18 @@ class SMTPSession(asyncio.Protocol):
             return
         self._queued = None
         if self._close_after:
-            transport.close()
+            self._close()
             return
         self._resume_input()
+
+    def _close(self) -> None:
+        """Close after the output is written; abort if the client will not take it."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._ctx.loop.call_later(_CLOSE_GRACE, transport.abort)
 
     def _resume_input(self) -> None:
         pending, self._input = self._input, b""
@@ -509,8 +542,8 @@ class SMTPSession(asyncio.Protocol):
     def _flush(self) -> None:
         out = self._out
         if not out:
-            if self._close_after and self._held is None and self._transport is not None:
-                self._transport.close()
+            if self._close_after and self._held is None:
+                self._close()
             return
         transport = self._transport
         if transport is not None and not transport.is_closing():
@@ -518,7 +551,7 @@ class SMTPSession(asyncio.Protocol):
             if self._held is None:
                 self._greeted = True
                 if self._close_after:
-                    transport.close()
+                    self._close()
         out.clear()
 
     # -- input ----------------------------------------------------------------------
@@ -530,21 +563,32 @@ class SMTPSession(asyncio.Protocol):
         record.bytes += len(data)
         self._last_activity = self._ctx.loop.time()
         if self._held is not None or self._writing_paused:
+            if self._held is _TLS_PENDING:
+                return  # RFC 3207: nothing sent before the handshake is kept
             if not self._greeted:
                 record.flags |= Flag.PREGREET
-            if len(self._input) + len(data) > self._ctx.limits.buffer_bytes:
-                self._end(EndReason.LIMIT, "too_many_errors", now=True)
-                return
-            self._input += data
+            self._stash(data)
             return
         self._consume(data)
         self._flush()
+
+    def _stash(self, data: bytes, *, unread: bool = False) -> None:
+        """Keep input for later, up to ``buffer_bytes``; past that, end the session.
+
+        ``unread`` data is the rest of a read being consumed: it goes before what
+        arrived later.
+        """
+        if len(self._input) + len(data) > self._ctx.limits.buffer_bytes:
+            self._end(EndReason.LIMIT, "too_many_errors", now=True)
+            return
+        self._input = data + self._input if unread else self._input + data
 
     def _consume(self, data: bytes) -> None:
         pos, size = 0, len(data)
         while pos < size:
             if self._held is not None or self._writing_paused:
-                self._input = data[pos:] + self._input
+                if self._held is not _TLS_PENDING:  # after STARTTLS the rest is dropped
+                    self._stash(data[pos:], unread=True)
                 return
             if self._close_after:
                 return
@@ -570,25 +614,29 @@ class SMTPSession(asyncio.Protocol):
                         self._skipping = True
                         self._record.flags |= _F_LONG_LINE  # type: ignore[union-attr]
                 return size
+            # Whether the line ended in CRLF is decided before any cut to the limit.
             if self._skipping:
                 line = bytes(line_buf)
                 line_buf.clear()
                 self._skipping = False
+                crlf = newline == pos or data[newline - 1] == 0x0D
             elif line_buf:
                 line_buf += data[pos:newline]
+                crlf = line_buf.endswith(b"\r")
                 line = bytes(line_buf[:limit])
                 if len(line_buf) > limit:
                     self._record.flags |= _F_LONG_LINE  # type: ignore[union-attr]
                 line_buf.clear()
             else:
                 line = data[pos:newline]
+                crlf = line.endswith(b"\r")
                 if len(line) > limit:
                     line = line[:limit]
                     self._record.flags |= _F_LONG_LINE  # type: ignore[union-attr]
             pos = newline + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
-            elif self._record is not None:
+            if not crlf and self._record is not None:
                 self._record.flags |= _F_BARE_LF
                 self._record.bare_lf += 1
             verb = self._dispatch(line)
@@ -602,6 +650,10 @@ class SMTPSession(asyncio.Protocol):
                 self._record.flags |= _F_PIPELINING
             if self._mode != _CMD or self._held is not None or self._close_after:
                 return pos
+            if len(self._out) >= _MAX_BATCH:
+                self._flush()  # may pause writing: the rest of the read then waits
+                if self._writing_paused:
+                    return pos
         return pos
 
     def _consume_data(self, data: bytes, pos: int) -> int:
@@ -618,15 +670,19 @@ class SMTPSession(asyncio.Protocol):
                 stop = found + 5
         end = stop if stop >= 0 else len(data)
         self._data_bytes += end - pos
-        self._count_endings(data, pos, end, tail)
+        self._count_endings(data, pos, end, tail, finished=stop >= 0)
         if stop < 0:
             self._data_tail = (tail + data[max(pos, end - 4):end])[-4:]
             return end
         self._end_of_data()
         return stop
 
-    def _count_endings(self, data: bytes, start: int, stop: int, tail: bytes) -> None:
-        """Count bare LF and bare CR in ``data[start:stop]``; ``tail`` precedes it."""
+    def _count_endings(self, data: bytes, start: int, stop: int, tail: bytes,
+                       finished: bool = False) -> None:
+        """Count bare LF and bare CR in ``data[start:stop]``; ``tail`` precedes it.
+
+        ``finished``: the region ends with the real CRLF.CRLF, which is no smuggling.
+        """
         if start >= stop:
             return
         crlf = data.count(b"\r\n", start, stop)
@@ -644,7 +700,9 @@ class SMTPSession(asyncio.Protocol):
             record.bare_cr += max(0, bare_cr)
             record.flags |= (_F_BARE_LF if bare_lf > 0 else 0) | (_F_BARE_CR if bare_cr > 0 else 0)
             window = tail + data[start:stop]
-            if any(marker in window for marker in _SMUGGLING_MARKERS):
+            if finished:
+                window = window[:-5]
+            if _SMUGGLING.search(window):
                 record.flags |= Flag.SMUGGLING
 
     def _end_of_data(self) -> None:
@@ -960,7 +1018,7 @@ class SMTPSession(asyncio.Protocol):
             self._error(ctx.reply("vrfy_syntax"))
             return
         text = arg.decode("utf-8", "replace")
-        address = text.split()[0].strip("<>")
+        address = arg.split()[0].decode("utf-8", "replace").strip("<>")
         if not ctx.accepts_domain(address):
             self._error(ctx.reply("relay_denied", address=address))
             return
@@ -1005,11 +1063,14 @@ class SMTPSession(asyncio.Protocol):
         if ctx.tls is None:
             self._error(ctx.reply("starttls_unavailable"))
             return
-        self._reply(ctx.reply("starttls_ok"))
+        # Written at once, never paced or held: the handshake must follow it.
+        self._out.append(ctx.reply("starttls_ok"))
         self._flush()
-        # RFC 3207: anything the client pipelined after STARTTLS is discarded.
+        # RFC 3207: anything the client pipelined after STARTTLS is discarded, and
+        # nothing is processed until the handshake is done.
         self._input = b""
-        self._held = (b"", 0.0, 0.0)  # stop processing until the handshake is done
+        self._line.clear()
+        self._held = _TLS_PENDING
         transport = self._transport
         if transport is not None:
             transport.pause_reading()
@@ -1040,6 +1101,7 @@ class SMTPSession(asyncio.Protocol):
         self._line.clear()
         self._note_tls()
         self._held = None
+        self._input = b""
         self._last_activity = ctx.loop.time()
         self._resume_input()
 

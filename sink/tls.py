@@ -30,11 +30,15 @@ def ensure_self_signed(data_dir: Path, hostname: str) -> tuple[Path, Path]:
         return cert_path, key_path
     data_dir.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    # X.509 allows 64 characters in a CN; the full name goes in the SAN (IDNA-encoded).
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "localhost")])
     try:
         alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
     except ValueError:
-        alt = x509.DNSName(hostname)
+        try:
+            alt = x509.DNSName(hostname.encode("idna").decode("ascii"))
+        except UnicodeError:
+            alt = x509.DNSName("localhost")
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()

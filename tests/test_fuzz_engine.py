@@ -52,6 +52,9 @@ class RecordingTransport(asyncio.Transport):
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def get_extra_info(self, name: str, default: object = None) -> object:
         return {"peername": ("192.0.2.7", 40000), "sockname": ("198.51.100.1", 25)}.get(
             name, default)

@@ -225,3 +225,25 @@ def test_out_of_file_descriptors_recovers(tmp_path: Path) -> None:
     finally:
         sink.stop()
     assert os.path.exists(sink.log_path)
+
+
+def test_non_reader_is_aborted_after_its_timeout(tmp_path: Path) -> None:
+    """Its 421 cannot be delivered, so the close must not wait for it forever."""
+    with SinkProcess(tmp_path / "data", ["--idle-timeout", "1", "--max-session-time", "2",
+                                         "--log-level", "warning"]) as sink:
+        sock = socket.create_connection((sink.host, sink.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.setblocking(False)
+        payload = b"EHLO x\r\n" * 10_000
+        started = time.monotonic()
+        aborted = False
+        while time.monotonic() - started < 30 and not aborted:
+            try:
+                sock.send(payload)
+            except BlockingIOError:
+                time.sleep(0.2)
+            except OSError:
+                aborted = True  # reset by the sink
+        sock.close()
+        assert aborted, "a client that never reads kept its connection"
+        _served_normally(sink)
