@@ -262,6 +262,7 @@ class Api:
                                    "recent_sessions": [], "netdrop": netdrop}
         if found is not None:
             body["sender"] = sender_item(found["row"])
+            body["cost"] = found["cost"]
             body["local_ips"] = found["local_ips"]
             body["recent_sessions"] = [_session_item(s) for s in found["recent_sessions"]]
         return web.json_response(body)

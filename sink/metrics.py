@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -24,9 +25,10 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sink.record import SessionRecord
+from sink.record import Flag, SessionRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_TARPITTED = int(Flag.TARPITTED)
 
 
 class SinkMetrics:
@@ -52,17 +54,37 @@ class SinkMetrics:
             "spamsink_store_write_seconds", "time to write one batch of records to the store",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             **kw)
+        # The asymmetry: what senders paid (held seconds, segments) against our CPU.
+        self.held = Counter("spamsink_held_seconds", "seconds senders waited on the tarpit",
+                            **kw)
+        self.segments = Counter("spamsink_segments_in",
+                                "TCP segments received from clients (TCP_INFO at close)", **kw)
+        self.tarpitted = Counter("spamsink_tarpitted_sessions", "sessions paced by the tarpit",
+                                 **kw)
+        self.cpu = Counter("spamsink_cpu_seconds",
+                           "CPU seconds of the sink processes (every thread)", **kw)
+        self._cpu_mark = time.process_time()
         self._dropped_seen = 0
         self._failed_seen = 0
         self._lock = threading.Lock()
 
     def record_batch(self, records: Sequence[SessionRecord], seconds: float) -> None:
         """Count a written batch and how long the write took."""
-        messages = recipients = size = 0
+        messages = recipients = size = segments = tarpitted = 0
+        held = 0.0
         for record in records:
             messages += record.messages
             recipients += record.recipients
             size += record.bytes
+            held += record.held
+            segments += record.segments_in
+            tarpitted += 1 if record.flags & _TARPITTED else 0
+        self.held.inc(held)
+        self.segments.inc(segments)
+        self.tarpitted.inc(tarpitted)
+        cpu = time.process_time()
+        self.cpu.inc(max(0.0, cpu - self._cpu_mark))
+        self._cpu_mark = cpu
         self.sessions.inc(len(records))
         self.messages.inc(messages)
         self.recipients.inc(recipients)

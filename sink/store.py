@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
 
-from sink.record import SessionRecord
+from sink.record import Flag, SessionRecord
 
 #: The store's file inside ``--data``.
 STORE_FILE = "spamsink.sqlite"
@@ -95,6 +95,22 @@ INSERT INTO buckets SELECT CAST(end / 10 AS INTEGER) * 10, count(*), sum(message
 """),
     (3, """
 ALTER TABLE sessions ADD COLUMN waited REAL NOT NULL DEFAULT 0;
+"""),
+    # The sender's cost against ours: seconds senders were held by the tarpit, the
+    # segments they sent (TCP_INFO), and the CPU the sink spent, per sender and in all.
+    (4, """
+ALTER TABLE ips ADD COLUMN held REAL NOT NULL DEFAULT 0;
+ALTER TABLE ips ADD COLUMN segments_in INTEGER NOT NULL DEFAULT 0;
+UPDATE ips SET held = coalesce((SELECT sum(held) FROM sessions WHERE client_ip = ips.ip), 0),
+    segments_in = coalesce((SELECT sum(segments_in) FROM sessions
+                            WHERE client_ip = ips.ip), 0);
+ALTER TABLE totals ADD COLUMN held REAL NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN segments_in INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN cpu_seconds REAL NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN tarpitted INTEGER NOT NULL DEFAULT 0;
+UPDATE totals SET held = (SELECT coalesce(sum(held), 0) FROM ips),
+    segments_in = (SELECT coalesce(sum(segments_in), 0) FROM ips),
+    tarpitted = (SELECT count(*) FROM sessions WHERE flags & 2048 != 0);
 """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -333,11 +349,19 @@ ON CONFLICT (t) DO UPDATE SET sessions = sessions + excluded.sessions,
     messages = messages + excluded.messages, bytes = bytes + excluded.bytes
 """
 _ADD_TOTALS = """
-INSERT INTO totals (id, sessions, messages, recipients, bytes) VALUES (1, ?, ?, ?, ?)
+INSERT INTO totals (id, sessions, messages, recipients, bytes, held, segments_in, cpu_seconds,
+                    tarpitted)
+VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
+    tarpitted = tarpitted + excluded.tarpitted,
     sessions = sessions + excluded.sessions, messages = messages + excluded.messages,
-    recipients = recipients + excluded.recipients, bytes = bytes + excluded.bytes
+    recipients = recipients + excluded.recipients, bytes = bytes + excluded.bytes,
+    held = held + excluded.held, segments_in = segments_in + excluded.segments_in,
+    cpu_seconds = cpu_seconds + excluded.cpu_seconds
 """
+_TARPITTED = int(Flag.TARPITTED)
+#: Per sender: seconds held and segments sent, added after the aggregate upsert.
+_ADD_IP_COST = "UPDATE ips SET held = held + ?, segments_in = segments_in + ? WHERE ip = ?"
 
 
 def store_path(data: Path) -> Path:
@@ -387,6 +411,9 @@ class SQLiteWriter(StoreWriter):
         except sqlite3.Error as exc:
             self.conn.close()
             raise StoreError(f"cannot use the store {path}: {exc}") from None
+        # This process's CPU (every thread) is added to the totals with each batch, so
+        # the store knows what the senders' held seconds cost us, across workers.
+        self._cpu_mark = time.process_time()
 
     def write(self, records: Sequence[SessionRecord]) -> None:
         rows = []
@@ -442,8 +469,23 @@ class SQLiteWriter(StoreWriter):
             conn.executemany(_UPSERT_IP, per_ip.values())
             conn.executemany(_INSERT_LOCAL, pairs)
             conn.executemany(_UPSERT_BUCKET, buckets.values())
-            conn.execute(_ADD_TOTALS, (sessions, messages, recipients, size))
+            cost: dict[str, list[float]] = {}
+            tarpitted = 0
+            for record in records:
+                if record.flags & _TARPITTED:
+                    tarpitted += 1
+                if record.held or record.segments_in:
+                    entry = cost.setdefault(_canonical(record.client_ip), [0.0, 0])
+                    entry[0] += record.held
+                    entry[1] += record.segments_in
+            conn.executemany(_ADD_IP_COST, [(h, n, ip) for ip, (h, n) in cost.items()])
+            cpu = time.process_time()
+            conn.execute(_ADD_TOTALS, (sessions, messages, recipients, size,
+                                       sum(h for h, _ in cost.values()),
+                                       sum(n for _, n in cost.values()), cpu - self._cpu_mark,
+                                       tarpitted))
             conn.execute("COMMIT")
+            self._cpu_mark = cpu
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -527,6 +569,9 @@ class SQLiteReader(StoreReader):
                 item = None
             else:
                 item = {"row": row}
+                held, segments = conn.execute(
+                    "SELECT held, segments_in FROM ips WHERE ip = ?", (ip,)).fetchone()
+                item["cost"] = {"held_seconds": round(held, 3), "segments_in": segments}
                 item["local_ips"] = [r[0] for r in conn.execute(
                     "SELECT local_ip FROM ip_locals WHERE ip = ? ORDER BY local_ip", (ip,))]
                 item["recent_sessions"] = [_row_dict(SESSION_COLUMNS, r) for r in conn.execute(
@@ -588,6 +633,8 @@ class SQLiteReader(StoreReader):
             conn.execute("BEGIN")
             totals_row = conn.execute(
                 "SELECT sessions, messages, recipients, bytes FROM totals").fetchone()
+            cost_row = conn.execute(
+                "SELECT held, segments_in, cpu_seconds, tarpitted FROM totals").fetchone()
             senders = conn.execute("SELECT count(*) FROM ips").fetchone()[0]
             rates = {}
             for name, window in (("1m", 60), ("1h", 3600), ("24h", 86400)):
@@ -607,7 +654,16 @@ class SQLiteReader(StoreReader):
         totals = dict(zip(("sessions", "messages", "recipients", "bytes"),
                           totals_row or (0, 0, 0, 0), strict=True))
         totals["senders"] = senders
-        return {"totals": totals, "rates": rates,
+        held, segments, cpu, tarpitted = cost_row or (0.0, 0, 0.0, 0)
+        messages = totals["messages"] or 0
+        cost = {
+            "held_seconds": round(held, 3), "held_hours": round(held / 3600, 3),
+            "segments_in": segments, "cpu_seconds": round(cpu, 3),
+            "held_per_cpu_second": round(held / cpu, 3) if cpu else None,
+            "segments_per_message": round(segments / messages, 3) if messages else None,
+            "tarpitted_sessions": tarpitted,
+        }
+        return {"totals": totals, "rates": rates, "cost": cost,
                 "top_senders": top_rows}
 
     def delete_ip(self, ip: str) -> bool:
