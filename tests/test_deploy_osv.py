@@ -49,8 +49,13 @@ def test_patch_applies_to_the_pinned_commit(tmp_path: Path) -> None:
     git = need_tool("git")
     mirror = _mirror()
     commit = _pinned_commit()
-    env = {**os.environ, "GIT_INDEX_FILE": str(tmp_path / "index")}
-    base = [git, f"--git-dir={mirror}"]
+    # New objects (the applied blobs) go to a throwaway store; the mirror is only read.
+    (tmp_path / "objects").mkdir()
+    env = {**os.environ, "GIT_INDEX_FILE": str(tmp_path / "index"),
+           "GIT_OBJECT_DIRECTORY": str(tmp_path / "objects"),
+           "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(mirror / "objects")}
+    # The mirror may belong to another user (root's fetch): trust it for this read.
+    base = [git, "-c", f"safe.directory={mirror}", f"--git-dir={mirror}"]
     known = subprocess.run([*base, "cat-file", "-e", f"{commit}^{{commit}}"],
                            capture_output=True, text=True, env=env)
     if known.returncode != 0:
