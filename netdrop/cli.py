@@ -22,6 +22,7 @@ from types import FrameType
 
 from netdrop.policy import Network, PolicyConfig
 from netdrop.rules import Rules, RulesError, RuleSpec
+from sink.argtypes import count, fraction, port
 
 log = logging.getLogger("netdrop")
 
@@ -36,15 +37,6 @@ class UsageError(Exception):
     """Bad option values (reported as one line, exit status 2)."""
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
-    return value
-
 
 def _delay(text: str) -> tuple[float, float]:
     base, _, jitter = text.partition(":")
@@ -57,24 +49,6 @@ def _delay(text: str) -> tuple[float, float]:
     return values
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"port out of range: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"cannot be negative: {text!r}")
-    return value
 
 
 def _network(text: str) -> Network:
@@ -103,18 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples: netdrop --rate 0.2 | netdrop --rate 0.1 --delay 300:100 "
                "--delay-rate 0.5 --only-flagged --flag pregreet | netdrop --kernel --rate 0.2")
     g = p.add_argument_group("what to do")
-    g.add_argument("--rate", type=_fraction, default=0.0, metavar="P",
+    g.add_argument("--rate", type=fraction, default=0.0, metavar="P",
                    help="drop this fraction of eligible segments [default: 0]")
     g.add_argument("--delay", type=_delay, default=None, metavar="MS[:JITTER]",
                    help="hold eligible segments MS milliseconds, +- JITTER (uniform)")
-    g.add_argument("--delay-rate", type=_fraction, default=None, metavar="P",
+    g.add_argument("--delay-rate", type=fraction, default=None, metavar="P",
                    help="fraction of eligible, not dropped segments to hold "
                         "[default: 1 when --delay is given]")
     g.add_argument("--kernel", action="store_true",
                    help="random drop in the kernel only (nftables numgen), no userspace; "
                         "only with --rate (no delays, no per-sender policy or accounting)")
     g = p.add_argument_group("which segments")
-    g.add_argument("--port", type=_port, action="append", metavar="PORT",
+    g.add_argument("--port", type=port, action="append", metavar="PORT",
                    help="destination port, repeatable [default: 25]")
     g.add_argument("--syn", action="store_true",
                    help="SYNs are eligible too (a dropped SYN costs a full retransmission timeout)")
@@ -133,16 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token for the sink's API [default: $NETDROP_API_TOKEN]")
     g.add_argument("--flag", type=_flag, action="append", default=[], metavar="NAME",
                    help="ask the API for senders with this flag, repeatable")
-    g.add_argument("--min-messages", type=_count, metavar="N",
+    g.add_argument("--min-messages", type=count, metavar="N",
                    help="ask the API for senders with at least N messages")
     g.add_argument("--refresh", type=float, default=5.0, metavar="SECONDS",
                    help="reload the flagged list this often [default: 5]")
     g = p.add_argument_group("queue and output")
-    g.add_argument("--queue-num", type=_count, default=0, metavar="N",
+    g.add_argument("--queue-num", type=count, default=0, metavar="N",
                    help="NFQUEUE number [default: 0]")
-    g.add_argument("--queue-maxlen", type=_count, default=4096, metavar="N",
+    g.add_argument("--queue-maxlen", type=count, default=4096, metavar="N",
                    help="kernel queue length; when full, packets pass [default: 4096]")
-    g.add_argument("--max-held", type=_count, default=1024, metavar="N",
+    g.add_argument("--max-held", type=count, default=1024, metavar="N",
                    help="at most N segments held for delays; more pass at once [default: 1024]")
     g.add_argument("--no-fail-open", dest="fail_open", action="store_false",
                    help="drop (instead of pass) packets when the kernel queue is full")

@@ -8,14 +8,13 @@ Repeatable options take a comma-separated list there.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sink import __version__
+from sink import __version__, argtypes
 from sink.persona import PERSONAS, get_persona
 from sink.smtp import Limits
 from sink.sockopts import SocketCosts
@@ -27,50 +26,8 @@ _TRUE = ("1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off", "")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
-def _seconds(text: str) -> float:
-    """Seconds, or a number with a unit: 30s, 5m, 2h, 30d."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    scale = units.get(text[-1:])
-    number = text[:-1] if scale else text
-    try:
-        value = float(number) * (scale or 1)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (use 30, 30s, 5m, 2h, 30d)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _bytes(text: str) -> int:
-    """A byte count, optionally with k/M/G (powers of 1024)."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    text = text.strip().lower().removesuffix("b")
-    scale = units.get(text[-1:])
-    try:
-        value = int(float(text[:-1] if scale else text) * (scale or 1))
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use 1024, 64k, 10M)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
-    return value
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -87,12 +44,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         "address, '127.0.0.1:2525' or '[::1]:2525' one [default: :25]")
     listen.add_argument("--smtps", action="append", metavar="ADDR", default=None,
                         help="implicit-TLS listener (port 465 style), repeatable")
-    listen.add_argument("--workers", type=_positive_int, default=1,
+    listen.add_argument("--workers", type=argtypes.positive_int, default=1,
                         help="processes sharing the ports with SO_REUSEPORT")
     listen.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    listen.add_argument("--backlog", type=_positive_int, default=1024,
+    listen.add_argument("--backlog", type=argtypes.positive_int, default=1024,
                         help="listen() backlog per socket")
-    listen.add_argument("--grace", type=_seconds, default=10.0,
+    listen.add_argument("--grace", type=argtypes.seconds, default=10.0,
                         help="on SIGTERM, seconds open sessions get to finish")
 
     identity = parser.add_argument_group("identity and policy")
@@ -115,41 +72,41 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                      help="do not offer STARTTLS")
 
     limits = parser.add_argument_group("limits (defaults: the persona's)")
-    limits.add_argument("--max-line-length", type=_positive_int, default=None,
+    limits.add_argument("--max-line-length", type=argtypes.positive_int, default=None,
                         help="command line length; the rest of a longer line is discarded")
-    limits.add_argument("--max-message-size", type=_bytes, default=None,
+    limits.add_argument("--max-message-size", type=argtypes.size, default=None,
                         help="bytes per message, advertised in SIZE")
-    limits.add_argument("--max-recipients", type=_positive_int, default=None,
+    limits.add_argument("--max-recipients", type=argtypes.positive_int, default=None,
                         help="recipients per message")
-    limits.add_argument("--max-commands", type=_positive_int, default=10_000,
+    limits.add_argument("--max-commands", type=argtypes.positive_int, default=10_000,
                         help="commands per session")
-    limits.add_argument("--max-errors", type=_positive_int, default=None,
+    limits.add_argument("--max-errors", type=argtypes.positive_int, default=None,
                         help="errors before the persona's 421 and a close")
-    limits.add_argument("--idle-timeout", type=_seconds, default=None,
+    limits.add_argument("--idle-timeout", type=argtypes.seconds, default=None,
                         help="seconds without input before the persona's 421 timeout")
-    limits.add_argument("--max-session-time", type=_seconds, default=3600.0,
+    limits.add_argument("--max-session-time", type=argtypes.seconds, default=3600.0,
                         help="seconds a session may last in total")
-    limits.add_argument("--max-connections", type=_positive_int, default=20_000,
+    limits.add_argument("--max-connections", type=argtypes.positive_int, default=20_000,
                         help="open connections per process; more get the persona's 421")
-    limits.add_argument("--max-connections-per-ip", type=_positive_int, default=50,
+    limits.add_argument("--max-connections-per-ip", type=argtypes.positive_int, default=50,
                         help="open connections per client address")
-    limits.add_argument("--max-buffer", type=_bytes, default=65536,
+    limits.add_argument("--max-buffer", type=argtypes.size, default=65536,
                         help="bytes of unanswered input or unsent output held per connection")
 
     pacing = parser.add_argument_group("tarpit")
     pacing.add_argument("--tarpit", default="off", choices=sorted(PRESETS),
                         help="pacing preset: off, polite, spamd (1 byte/s), max")
-    pacing.add_argument("--greeting-delay", type=_seconds, default=None,
+    pacing.add_argument("--greeting-delay", type=argtypes.seconds, default=None,
                         help="seconds before the banner")
-    pacing.add_argument("--reply-delay", type=_seconds, default=None,
+    pacing.add_argument("--reply-delay", type=argtypes.seconds, default=None,
                         help="seconds before each command reply")
-    pacing.add_argument("--data-delay", type=_seconds, default=None,
+    pacing.add_argument("--data-delay", type=argtypes.seconds, default=None,
                         help="seconds before the reply to the end of a message")
     pacing.add_argument("--stutter", type=float, default=None, metavar="BYTES_PER_S",
                         help="send replies at this many bytes per second (0 = off)")
-    pacing.add_argument("--jitter", type=_fraction, default=None,
+    pacing.add_argument("--jitter", type=argtypes.fraction, default=None,
                         help="random spread of every delay, as a fraction of it")
-    pacing.add_argument("--pregreet-wait", type=_seconds, default=None,
+    pacing.add_argument("--pregreet-wait", type=argtypes.seconds, default=None,
                         help="send a postscreen-style '220-' teaser and the banner this many "
                         "seconds later; input before the banner flags the client as an early "
                         "talker (0 = no teaser) [default: the preset's]")
@@ -158,18 +115,18 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         "pipelining, bare LF, non-SMTP, AUTH or relay attempts) or a bad record "
                         "(repeat visits) are paced, first-time well-behaved senders get "
                         "Postfix's timing; 'all': every sender is paced")
-    pacing.add_argument("--known-bad-sessions", type=_positive_int, default=10,
+    pacing.add_argument("--known-bad-sessions", type=argtypes.positive_int, default=10,
                         help="sessions from one address after which it is paced from connect")
-    pacing.add_argument("--max-tarpitted", type=_positive_int, default=10_000,
+    pacing.add_argument("--max-tarpitted", type=argtypes.positive_int, default=10_000,
                         help="paced sessions at once per process; beyond it, normal pacing")
-    pacing.add_argument("--hold-cap", type=_seconds, default=600.0,
+    pacing.add_argument("--hold-cap", type=argtypes.seconds, default=600.0,
                         help="seconds of pacing per session at most; each reply also stays "
                         "under RFC 5321's client timeout for its stage (5 min greeting and "
                         "commands, 2 min DATA, 10 min after the message)")
     pacing.add_argument("--greylist", action="store_true",
                         help="answer the first (client /24, sender, recipient) 450 as postgrey "
                         "does and record who retries")
-    pacing.add_argument("--greylist-delay", type=_seconds, default=300.0,
+    pacing.add_argument("--greylist-delay", type=argtypes.seconds, default=300.0,
                         help="seconds before a retry of a greylisted triple is accepted")
 
     costs = parser.add_argument_group(
@@ -180,14 +137,14 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     costs.add_argument("--mss", type=int, default=None, metavar="BYTES",
                        help="TCP_MAXSEG advertised to clients (88-65535): they must send "
                        "segments this small")
-    costs.add_argument("--rcvbuf", type=_bytes, default=None,
+    costs.add_argument("--rcvbuf", type=argtypes.size, default=None,
                        help="SO_RCVBUF of the listener (kernel minimum 2304 after doubling): a "
                        "small receive window for every client")
-    costs.add_argument("--window-clamp", type=_bytes, default=None,
+    costs.add_argument("--window-clamp", type=argtypes.size, default=None,
                        help="a small receive window per connection (SO_RCVBUF and "
                        "TCP_WINDOW_CLAMP on the accepted socket, minimum 1152); the window "
                        "already offered stays, so it bites beyond the first ~64 KB")
-    costs.add_argument("--drop-rate", type=_fraction, default=0.0, metavar="P",
+    costs.add_argument("--drop-rate", type=argtypes.fraction, default=0.0, metavar="P",
                        help="drop this fraction of the client's packets with a BPF socket "
                        "filter so it must retransmit (for hosts where netdrop cannot run)")
     costs.add_argument("--socket-costs-for", choices=("tarpitted", "all"), default="tarpitted",
@@ -202,7 +159,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         "(DELETE always needs one)")
     memory.add_argument("--api-token-file", default=None, metavar="FILE",
                         help="read the API token from the first line of FILE")
-    memory.add_argument("--retain-sessions", type=_seconds, default="30d",
+    memory.add_argument("--retain-sessions", type=argtypes.seconds, default="30d",
                         metavar="DURATION", help="delete sessions older than this (per-sender "
                         "aggregates are kept); 0 keeps them forever")
     memory.add_argument("--no-record", dest="record", action="store_false",
@@ -333,18 +290,6 @@ def _add_ips(subparsers: argparse._SubParsersAction) -> None:
     add_arguments(parser)
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
 
 
 def _add_send(subparsers: argparse._SubParsersAction) -> None:
@@ -363,21 +308,21 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
                         help="server to send to (default: 127.0.0.1)")
     classic = parser.add_argument_group("smtpsend options")
     amount = classic.add_mutually_exclusive_group(required=True)
-    amount.add_argument("-n", dest="count", type=_positive_int, metavar="TOTAL",
+    amount.add_argument("-n", dest="count", type=argtypes.positive_int, metavar="TOTAL",
                         help="send exactly TOTAL messages")
-    amount.add_argument("-t", dest="duration", type=_seconds, metavar="SECONDS",
+    amount.add_argument("-t", dest="duration", type=argtypes.seconds, metavar="SECONDS",
                         help="send for SECONDS (30, 5m); with --hold, how long to hold")
-    classic.add_argument("-s", dest="senders", type=_positive_int, default=None,
+    classic.add_argument("-s", dest="senders", type=argtypes.positive_int, default=None,
                          metavar="SENDERS", help="concurrent senders (connections) [1]")
-    classic.add_argument("-m", dest="per_connection", type=_positive_int, default=None,
+    classic.add_argument("-m", dest="per_connection", type=argtypes.positive_int, default=None,
                          metavar="MSGS", help="messages per connection [1]")
-    classic.add_argument("-b", dest="body_bytes", type=_bytes, default=None, metavar="BYTES",
+    classic.add_argument("-b", dest="body_bytes", type=argtypes.size, default=None, metavar="BYTES",
                          help="message body size, headers not included (as smtp-source -l) "
                          "[1024]")
-    classic.add_argument("-p", dest="port", type=_port, default=25, help="server port [25]")
-    classic.add_argument("-F", dest="sender", default="smtpsend@localhost", metavar="FROM",
+    classic.add_argument("-p", dest="port", type=argtypes.port, default=25, help="server port [25]")
+    classic.add_argument("-F", dest="sender", default=None, metavar="FROM",
                          help="envelope sender [smtpsend@localhost]")
-    classic.add_argument("-T", dest="recipient", default="smtpsink@localhost", metavar="TO",
+    classic.add_argument("-T", dest="recipient", default=None, metavar="TO",
                          help="envelope recipient [smtpsink@localhost]")
     classic.add_argument("-S", dest="subject", default=None, metavar="SUBJECT",
                          help="Subject header [spamsink send test message]")
@@ -387,7 +332,7 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
     smtp = parser.add_argument_group("SMTP")
     smtp.add_argument("--ehlo", default="localhost", metavar="NAME",
                       help="name in EHLO (HELO when the server rejects EHLO) [localhost]")
-    smtp.add_argument("--rcpts", type=_positive_int, default=1, metavar="N",
+    smtp.add_argument("--rcpts", type=argtypes.positive_int, default=1, metavar="N",
                       help="recipients per message: the -T address, or local+1@domain ... "
                       "local+N@domain [1]")
     smtp.add_argument("--pipelining", action="store_true",
@@ -401,23 +346,23 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
     smtp.add_argument("--body", default=None, metavar="FILE|DIR",
                       help="send this message file (or every file in DIR, round-robin) as "
                       "it is, CRLF-normalised and dot-stuffed, instead of a generated one")
-    smtp.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+    smtp.add_argument("--timeout", type=argtypes.seconds, default=None, metavar="SECONDS",
                       help="seconds to wait for a connect or any reply [30; 3600 with --hold]")
 
     load = parser.add_argument_group("load")
-    load.add_argument("--rate", type=_positive_float, default=None, metavar="R",
+    load.add_argument("--rate", type=argtypes.positive_float, default=None, metavar="R",
                       help="start at most R messages per second in total (latency at a "
                       "given load)")
     load.add_argument("--source", default=None, metavar="ADDRS",
                       help="bind connections round-robin to these local addresses: "
                       "ADDR[,ADDR...] or a range such as 127.0.0.2-127.0.0.254")
-    load.add_argument("--procs", type=_positive_int, default=1, metavar="N",
+    load.add_argument("--procs", type=argtypes.positive_int, default=1, metavar="N",
                       help="worker processes (one event loop each) to use more than one core")
-    load.add_argument("--hold", type=_positive_int, default=None, metavar="N",
+    load.add_argument("--hold", type=argtypes.positive_int, default=None, metavar="N",
                       help="tarpit capacity test: open N connections and stay in the "
                       "dialogue for -t SECONDS like a patient spammer, reporting how many "
                       "are alive over time and each reply's wait")
-    load.add_argument("--hold-pause", type=_seconds, default=5.0, metavar="SECONDS",
+    load.add_argument("--hold-pause", type=argtypes.seconds, default=5.0, metavar="SECONDS",
                       help="pause between messages on a held connection [5]")
 
     output = parser.add_argument_group("output")

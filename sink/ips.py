@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from sink import __version__
+from sink.argtypes import positive_int
 from sink.export import FORMATS, family_rows, render, sender_item
 from sink.query import BadParameter, ip_query, iso
 from sink.store import SORTS, StoreError, open_reader
@@ -43,19 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", *FORMATS), default="table",
                         help="table for people (default); txt, csv, json, rbldnsd or nft "
                         "as the API's export")
-    parser.add_argument("--limit", type=_positive, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="at most N senders in the table [default: all]")
     parser.set_defaults(handler=run)
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:

@@ -22,7 +22,7 @@ import random
 import string
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 #: Every reply key the engine uses. A persona must define all of them.
@@ -151,7 +151,6 @@ class Persona:
     #: The ``size`` a BDAT LAST reply reports: Postfix counts the stored message
     #: with every line ending as CRLF and a final CRLF added.
     bdat_reports_stored_size: bool = True
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = REPLY_KEYS - set(self.replies)
