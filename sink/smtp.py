@@ -509,8 +509,7 @@ class SMTPSession(asyncio.Protocol):
         self._last_activity = self._ctx.loop.time()
         if since and self._record is not None:
             self._record.held += self._last_activity - since
-        if self._greeted is False:
-            self._greeted = True
+        self._greeted = True
         if self._queued:
             self._hold(*self._queued.pop(0))
             return
