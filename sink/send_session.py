@@ -16,6 +16,10 @@ Contract:
   (infinite while nothing is awaited); the runner's sweep calls :meth:`timed_out`.
 * No coroutine or task per command: everything runs in ``data_received`` and plain
   callbacks; the only task is the STARTTLS handshake.
+* Cheap per reply: a read that is exactly a reply (or several) seen before is looked
+  up, not parsed (servers repeat the same greeting, EHLO and ``250 Ok`` replies; at
+  most :data:`KNOWN_READS` different reads are remembered per process); waits are
+  appended to the histograms' buffers (:class:`sink.send_stats.Histogram`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from math import inf
 from sink.send_body import MessageSource
 from sink.send_config import SendConfig
 from sink.send_dialogue import Dialogue
-from sink.send_reply import ReplyError, ReplyParser, extensions, reply_text
+from sink.send_reply import Reply, ReplyError, ReplyParser, extensions, reply_text
 from sink.send_stats import (
     BDAT,
     CONNECT,
@@ -53,6 +57,8 @@ _QUIT = b"QUIT\r\n"
 _RSET = b"RSET\r\n"
 _DATA = b"DATA\r\n"
 _DOT_ONLY = b".\r\n"
+#: Different reads whose replies a process remembers (see the module contract).
+KNOWN_READS = 1024
 
 
 def recipients(address: str, count: int) -> list[str]:
@@ -86,6 +92,7 @@ class SessionContext:
         "ehlo_seen",
         "group",
         "helo_cmd",
+        "known",
         "loop",
         "mail_cmd",
         "messages",
@@ -95,6 +102,7 @@ class SessionContext:
         "rcpt_block",
         "rcpt_cmds",
         "rcpts",
+        "record",
         "server_hostname",
         "stats",
         "timeout",
@@ -129,6 +137,10 @@ class SessionContext:
         self.data_stages = (MAIL, *([RCPT] * self.rcpts), DATA)
         self.ehlo_seen: list[bytes] = []
         self.ehlo_offered: frozenset[str] = frozenset()
+        #: Per stage: records one wait (the ``append`` of its histogram's buffer).
+        self.record = [hist.pending.append for hist in stats.latency]
+        #: Reads that were exactly one or more whole replies -> those replies.
+        self.known: dict[bytes, list[Reply]] = {}
 
 
 class SenderSession(asyncio.Protocol):
@@ -146,6 +158,7 @@ class SenderSession(asyncio.Protocol):
         "_next_held",
         "_next_start",
         "_parser",
+        "_partial",
         "_pipelining",
         "_rcpt_i",
         "_reserved",
@@ -163,7 +176,8 @@ class SenderSession(asyncio.Protocol):
         ctx.connections += 1
         self._id = ctx.connections
         self._transport: asyncio.Transport | None = None
-        self._parser = ReplyParser()
+        self._parser: ReplyParser | None = None  # made when a read is not a known one
+        self._partial = False  # the parser holds part of a reply
         self._expect: deque[tuple[int, float]] = deque()
         self.deadline = inf
         self.done: asyncio.Future[None] = ctx.loop.create_future()
@@ -201,7 +215,7 @@ class SenderSession(asyncio.Protocol):
         ctx.active.add(self)
         now = _perf()
         ctx.stats.connections_made += 1
-        ctx.stats.latency[CONNECT].add(now - self._msg_start)
+        ctx.record[CONNECT](now - self._msg_start)
         if self._tls:
             ctx.stats.used("TLS")
         if ctx.dialogue is not None:
@@ -212,17 +226,15 @@ class SenderSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         ctx = self._ctx
         ctx.stats.bytes_in += len(data)
-        try:
-            replies = self._parser.feed(data)
-        except ReplyError as exc:
-            self._protocol_error(str(exc))
-            return
-        if not replies:
-            return
+        replies = None if self._partial else ctx.known.get(data)
+        if replies is None:
+            replies = self._parse(data)
+            if not replies:
+                return
         now = _perf()
-        latency = ctx.stats.latency
+        record, dialogue, expect = ctx.record, ctx.dialogue, self._expect
         # Replies in this read can only answer commands written before it arrived.
-        answerable = len(self._expect)
+        answerable = len(expect)
         for code, lines in replies:
             if self._closing:
                 return
@@ -230,17 +242,34 @@ class SenderSession(asyncio.Protocol):
                 self._protocol_error(f"reply without a command: {reply_text(code, lines)}")
                 return
             answerable -= 1
-            stage, sent_at = self._expect.popleft()
-            latency[stage].add(now - sent_at)
-            if ctx.dialogue is not None:
-                ctx.dialogue.received(self._id, code, lines)
+            stage, sent_at = expect.popleft()
+            record[stage](now - sent_at)
+            if dialogue is not None:
+                dialogue.received(self._id, code, lines)
             if code == 421 and stage != QUIT:
                 self._fail(stage, "4xx")
                 self._close("421")
                 return
             _HANDLERS[stage](self, code, lines, now)
         if not self._closing:
-            self.deadline = now + ctx.timeout if self._expect else inf
+            self.deadline = now + ctx.timeout if expect else inf
+
+    def _parse(self, data: bytes) -> list[Reply] | None:
+        """The replies ``data`` completes; ``None`` after a protocol error. A read that
+        was exactly whole replies is remembered (see the module contract)."""
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = ReplyParser()
+        try:
+            replies = parser.feed(data)
+        except ReplyError as exc:
+            self._protocol_error(str(exc))
+            return None
+        was_partial, self._partial = self._partial, parser.pending
+        known = self._ctx.known
+        if replies and not (was_partial or self._partial) and len(known) < KNOWN_READS:
+            known[data] = replies
+        return replies
 
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self._ctx
@@ -464,7 +493,7 @@ class SenderSession(asyncio.Protocol):
         self._expect.popleft()
         self._tls = True
         ctx.stats.used("STARTTLS")
-        ctx.stats.latency[TLS].add(_perf() - self._tls_started)
+        ctx.record[TLS](_perf() - self._tls_started)
         if ctx.dialogue is not None:
             ctx.dialogue.note(self._id, "TLS established")
         self._send(ctx.ehlo_cmd, EHLO)
@@ -519,8 +548,9 @@ class SenderSession(asyncio.Protocol):
 
     def _finish_message(self, ok: bool, stage: int, code: int, now: float) -> None:
         if ok and not self._msg_failed:
-            self._ctx.stats.sent += 1
-            self._ctx.stats.delivery.add(now - self._msg_start)
+            stats = self._ctx.stats
+            stats.sent += 1
+            stats.delivery.pending.append(now - self._msg_start)
         elif not ok:
             self._fail(stage, code)
         self._in_msg = False
@@ -579,7 +609,12 @@ class SenderSession(asyncio.Protocol):
             self._transport.abort()
 
 
-_HANDLERS = {
+def _no_reply_expected(session: SenderSession, code: int, lines: list[bytes],
+                       now: float) -> None:
+    raise AssertionError("no command of this stage waits for a reply")
+
+
+_BY_STAGE = {
     GREETING: SenderSession._on_greeting,
     EHLO: SenderSession._on_ehlo,
     HELO: SenderSession._on_helo,
@@ -592,3 +627,5 @@ _HANDLERS = {
     RSET: SenderSession._on_rset,
     QUIT: SenderSession._on_quit,
 }
+#: The reply handler of each stage, indexed by stage number.
+_HANDLERS = tuple(_BY_STAGE.get(stage, _no_reply_expected) for stage in range(len(STAGES)))

@@ -4,7 +4,9 @@ Contract:
 
 * :class:`Histogram` records durations in fixed memory (2,048 buckets) with a relative
   error of at most 1/64 (1.6 %) above 128 microseconds and exact microseconds below;
-  the maximum, count and sum are exact. Percentiles are nearest-rank.
+  the maximum, count and sum are exact. Percentiles are nearest-rank. Samples are
+  appended to a buffer (one C call each) and counted into the buckets in bulk when
+  read, or by :meth:`Stats.compact` once the buffer holds :data:`COMPACT_AT`.
 * :class:`Stats` is written by one event loop only (no locks); worker processes send
   theirs to the parent as :meth:`Stats.to_dict` and the parent adds them with
   :meth:`Stats.merge`.
@@ -16,6 +18,8 @@ Contract:
 from __future__ import annotations
 
 import math
+from array import array
+from collections import Counter
 from typing import Any
 
 #: Stages of an SMTP session, in dialogue order; latency is kept for each.
@@ -27,34 +31,79 @@ STAGES = ("connect", "tls", "greeting", "ehlo", "helo", "starttls", "mail", "rcp
 STAGE_LABELS = {"dot": "end of data", "bdat": "BDAT LAST"}
 
 _BUCKETS = 2048
+_MICROS = 1_000_000.0
+#: Pending samples a histogram may hold before :meth:`Stats.compact` folds them.
+COMPACT_AT = 65_536
+
+
+def _index(us: int) -> int:
+    """The bucket of a duration of ``us`` microseconds: exact below 128, then 64
+    buckets per power of two."""
+    if us < 128:
+        return us if us > 0 else 0
+    shift = us.bit_length() - 7
+    index = (shift << 6) + (us >> shift)
+    return index if index < _BUCKETS else _BUCKETS - 1
 
 
 class Histogram:
-    """Durations in seconds, stored as log-linear microsecond buckets."""
+    """Durations in seconds, stored as log-linear microsecond buckets.
 
-    __slots__ = ("count", "counts", "max", "total")
+    Recording is cheap: :meth:`add` (or ``pending.append``, a C call, on a hot path)
+    only appends to :attr:`pending`; :meth:`fold` counts the pending samples into the
+    buckets in a few C-level passes. Every reader folds first, so recorded samples are
+    never missed; a long run calls :meth:`Stats.compact` now and then to bound memory.
+    """
+
+    __slots__ = ("_count", "_counts", "_max", "_total", "pending")
 
     def __init__(self) -> None:
-        self.counts = [0] * _BUCKETS
-        self.count = 0
-        self.total = 0.0
-        self.max = 0.0
+        self._counts = [0] * _BUCKETS
+        self._count = 0
+        self._total = 0.0
+        self._max = 0.0
+        #: Durations recorded but not yet counted into the buckets.
+        self.pending = array("d")
 
     def add(self, seconds: float) -> None:
         """Record one duration (negative values count as zero)."""
-        us = int(seconds * 1_000_000)
-        if us < 128:
-            index = us if us > 0 else 0
-        else:
-            shift = us.bit_length() - 7
-            index = (shift << 6) + (us >> shift)
-            if index >= _BUCKETS:
-                index = _BUCKETS - 1
-        self.counts[index] += 1
-        self.count += 1
-        self.total += seconds
-        if seconds > self.max:
-            self.max = seconds
+        self.pending.append(seconds)
+
+    def fold(self) -> None:
+        """Count the pending samples into the buckets."""
+        pending = self.pending
+        if not pending:
+            return
+        self._count += len(pending)
+        self._total += sum(pending)
+        top = max(pending)
+        if top > self._max:
+            self._max = top
+        counts = self._counts
+        for us, n in Counter(map(int, map(_MICROS.__mul__, pending))).items():
+            counts[_index(us)] += n
+        del pending[:]
+
+    @property
+    def counts(self) -> list[int]:
+        """Samples per bucket."""
+        self.fold()
+        return self._counts
+
+    @property
+    def count(self) -> int:
+        self.fold()
+        return self._count
+
+    @property
+    def total(self) -> float:
+        self.fold()
+        return self._total
+
+    @property
+    def max(self) -> float:
+        self.fold()
+        return self._max
 
     @staticmethod
     def _bucket_value(index: int) -> float:
@@ -67,40 +116,45 @@ class Histogram:
 
     def percentile(self, p: float) -> float:
         """The nearest-rank ``p``-th percentile in seconds (0 when empty), at most ``max``."""
-        if not self.count:
+        self.fold()
+        if not self._count:
             return 0.0
-        rank = max(1, math.ceil(p / 100 * self.count))
+        rank = max(1, math.ceil(p / 100 * self._count))
         seen = 0
-        for index, n in enumerate(self.counts):
+        for index, n in enumerate(self._counts):
             seen += n
             if seen >= rank:
-                return min(self._bucket_value(index), self.max)
-        return self.max
+                return min(self._bucket_value(index), self._max)
+        return self._max
 
     @property
     def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0
+        self.fold()
+        return self._total / self._count if self._count else 0.0
 
     def merge(self, other: Histogram) -> None:
         """Add ``other``'s samples to this histogram."""
-        counts = self.counts
-        for index, n in enumerate(other.counts):
+        self.fold()
+        other.fold()
+        counts = self._counts
+        for index, n in enumerate(other._counts):
             if n:
                 counts[index] += n
-        self.count += other.count
-        self.total += other.total
-        self.max = max(self.max, other.max)
+        self._count += other._count
+        self._total += other._total
+        self._max = max(self._max, other._max)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": {i: n for i, n in enumerate(self.counts) if n},
-                "count": self.count, "total": self.total, "max": self.max}
+        self.fold()
+        return {"counts": {i: n for i, n in enumerate(self._counts) if n},
+                "count": self._count, "total": self._total, "max": self._max}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Histogram:
         hist = cls()
         for index, n in data["counts"].items():
-            hist.counts[int(index)] = n
-        hist.count, hist.total, hist.max = data["count"], data["total"], data["max"]
+            hist._counts[int(index)] = n
+        hist._count, hist._total, hist._max = data["count"], data["total"], data["max"]
         return hist
 
 
@@ -128,6 +182,17 @@ class Stats:
         #: perf_counter() of the first connection attempt and of the last close.
         self.started = math.inf
         self.finished = 0.0
+
+    def histograms(self) -> list[Histogram]:
+        """Every histogram: one per stage, then delivery."""
+        return [*self.latency, self.delivery]
+
+    def compact(self) -> None:
+        """Fold the histograms whose pending samples passed :data:`COMPACT_AT` (bounds
+        the memory of a long run; the runner calls it about once a second)."""
+        for hist in self.histograms():
+            if len(hist.pending) >= COMPACT_AT:
+                hist.fold()
 
     def fail(self, stage: int, cause: str) -> None:
         """Count one failed message, failed at ``stage`` because of ``cause``."""
