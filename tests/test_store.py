@@ -45,6 +45,9 @@ def session(ip: str = "192.0.2.1", *, end: float | None = None, messages: int = 
     return record
 
 
+COUNT_SESSIONS = "SELECT coalesce(sum(count), 0) FROM session_blocks"
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> tuple[SQLiteWriter, SQLiteReader]:
     writer = open_writer(tmp_path)
@@ -74,7 +77,8 @@ def test_a_batch_folds_into_per_ip_aggregates(store):
     assert flags == Flag.PREGREET | Flag.BARE_LF | Flag.AUTH_ATTEMPT
     assert locals_ == 2
     assert found["local_ips"] == ["198.51.100.1", "198.51.100.2"]
-    assert [s["end"] for s in found["recent_sessions"]] == [t + 5, t + 2, t + 1, t]
+    # Last recorded first (the order of writing: a later batch, then its batch backwards).
+    assert [s["end"] for s in found["recent_sessions"]] == [t + 1, t + 2, t + 5, t]
     assert found["recent_sessions"][-1]["mail_from"] == ["spam@example.net"] * 2
     # IPv4-mapped IPv6 (dual-stack listeners) is stored as IPv4.
     mapped = reader.ip("192.0.2.9")
@@ -161,7 +165,9 @@ def test_migration_from_empty_creates_the_current_schema(tmp_path: Path):
     assert migrate(conn) == SCHEMA_VERSION
     assert migrate(conn) == SCHEMA_VERSION  # idempotent
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"sessions", "ips", "ip_locals", "totals", "buckets", "schema_version"} <= tables
+    assert {"session_blocks", "session_data", "session_ips", "ips", "ip_locals", "totals",
+            "buckets", "schema_version"} <= tables
+    assert "sessions" not in tables  # moved into blocks by step 5
     versions = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
     assert versions == [v for v, _ in MIGRATIONS]
 
@@ -252,7 +258,7 @@ def test_reader_sees_consistent_snapshots_and_never_blocks_the_writer(store):
             conn = reader._open()
             conn.execute("BEGIN")
             total = conn.execute("SELECT sessions FROM totals").fetchone()
-            counted = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+            counted = conn.execute(COUNT_SESSIONS).fetchone()[0]
             summed = conn.execute("SELECT coalesce(sum(sessions), 0) FROM ips").fetchone()[0]
             conn.execute("COMMIT")
             conn.close()
@@ -262,7 +268,7 @@ def test_reader_sees_consistent_snapshots_and_never_blocks_the_writer(store):
     # One reader holds a snapshot open for the whole run (like a long export).
     holder = reader._open()
     holder.execute("BEGIN")
-    holder.execute("SELECT count(*) FROM sessions").fetchone()
+    holder.execute(COUNT_SESSIONS).fetchone()
     thread = threading.Thread(target=read_loop)
     thread.start()
     slowest = 0.0
@@ -272,7 +278,7 @@ def test_reader_sees_consistent_snapshots_and_never_blocks_the_writer(store):
         slowest = max(slowest, time.perf_counter() - started)
     done.set()
     thread.join()
-    assert holder.execute("SELECT count(*) FROM sessions").fetchone()[0] == 0  # its snapshot
+    assert holder.execute(COUNT_SESSIONS).fetchone()[0] == 0  # its snapshot
     holder.execute("COMMIT")
     holder.close()
     assert not errors, errors[:3]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import smtplib
 import socket
-import sqlite3
 import struct
 import subprocess
 import time
@@ -18,19 +17,17 @@ from pathlib import Path
 import pytest
 
 from sink.record import Flag
-from sink.store import store_path
+from sink.store import SessionFilter, open_reader
 from tests.support import SinkProcess, need_root, spamsink_command
 
 BANNER = b"220 mx.example.com ESMTP Postfix (Debian/GNU)\r\n"
 MESSAGE = b"Subject: test\r\n\r\n" + b"spam " * 4000 + b"\r\n"  # 20 KB
 
 
-def stored_sessions(sink: SinkProcess) -> dict[int, sqlite3.Row]:
+def stored_sessions(sink: SinkProcess) -> dict[int, dict[str, object]]:
     """The sessions the stopped sink recorded, by client port."""
     sink.stop()
-    with sqlite3.connect(f"file:{store_path(sink.data)}?mode=ro", uri=True) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM sessions").fetchall()
+    rows = open_reader(sink.data).sessions(SessionFilter(), limit=100_000)
     return {row["client_port"]: row for row in rows}
 
 
