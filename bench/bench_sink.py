@@ -177,6 +177,8 @@ def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
                    "-c", "aiosmtpd.handlers.Sink"]
     elif name == "aiosmtpd-uvloop":
         command = [python, "-c", AIOSMTPD_UVLOOP, str(port)]
+    elif name == "bare-uvloop":  # the floor for a Python engine on uvloop
+        command = [python, str(REPO / "bench" / "bare_sink.py"), str(port)]
     else:
         raise ValueError(name)
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,

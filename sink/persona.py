@@ -96,8 +96,8 @@ def hex_queue_id() -> str:
 
     Not a secret, so a seeded PRNG (no system call per message) is enough.
     """
-    micro = time.time_ns() // 1000 % 1_000_000
-    return f"{micro:05X}{_ids.getrandbits(24):06X}"
+    micro = time.time_ns() // 1000 % 1_000_000  # < 0x100000: five hex digits
+    return "%011X" % (micro << 24 | _ids.getrandbits(24))
 
 
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase

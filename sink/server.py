@@ -222,7 +222,7 @@ class SinkProcess:
                 persona=settings.persona, hostname=settings.hostname, limits=settings.limits,
                 records=self.records, tarpit=tarpit, domains=settings.domains,
                 tls=tls if settings.starttls or implicit else None, implicit_tls=implicit,
-                tracker=tracker, on_close=on_close,
+                tracker=tracker, on_close=on_close, listening=sock.getsockname()[:2],
             )
             self.contexts.append(ctx)
             server = await loop.create_server(

@@ -17,6 +17,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import ssl
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sink.deadlines import Deadlines
 from sink.persona import Persona, rfc2822_now
 from sink.record import KEEP_ADDRESSES, EndReason, Flag, RecordSink, SessionRecord
 from sink.tarpit import BOT_FLAGS, Pacer, Stage, Tarpit
@@ -49,6 +51,8 @@ _TLS_PENDING: tuple[bytes, float, float] = (b"", 0.0, 0.0)
 #: Seconds a closing connection may take to drain its output before it is aborted
 #: (a client that stops reading must not keep its slot, and its memory, forever).
 _CLOSE_GRACE = 10.0
+#: Idle and session timeouts fire up to this many seconds late.
+_TIMEOUT_RESOLUTION = 0.25
 #: Replies gathered from one read before they are written out (and the write buffer's
 #: high-water mark gets a say), so one read cannot make an unbounded reply.
 _MAX_BATCH = 64
@@ -59,6 +63,13 @@ _F_PIPELINING = int(Flag.PIPELINING_UNASKED)
 _F_BARE_LF = int(Flag.BARE_LF)
 _F_BARE_CR = int(Flag.BARE_CR)
 _F_LONG_LINE = int(Flag.LONG_LINE)
+_F_AUTH_ATTEMPT = int(Flag.AUTH_ATTEMPT)
+_F_GREYLISTED = int(Flag.GREYLISTED)
+_F_NON_SMTP = int(Flag.NON_SMTP)
+_F_PREGREET = int(Flag.PREGREET)
+_F_RELAY_ATTEMPT = int(Flag.RELAY_ATTEMPT)
+_F_SMUGGLING = int(Flag.SMUGGLING)
+_F_TARPITTED = int(Flag.TARPITTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +133,7 @@ class ServerContext:
         domains: frozenset[str] | None = None,
         tls: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
+        listening: tuple[str, int] | None = None,
         tracker: ConnectionTracker | None = None,
         on_close: Callable[[SessionRecord], None] | None = None,
     ) -> None:
@@ -133,6 +145,12 @@ class ServerContext:
         self.domains = domains
         self.tls = tls
         self.implicit_tls = implicit_tls
+        #: Every session's local (ip, port) when the listener is bound to one address;
+        #: ``None`` for a wildcard listener (then each session asks its socket).
+        self.local_address = (
+            (_unmapped(listening[0]), listening[1])
+            if listening is not None and not ipaddress.ip_address(listening[0]).is_unspecified
+            else None)
         self.tracker = tracker or ConnectionTracker()
         self.on_close = on_close
         self.forbidden = frozenset(c.encode() for c in persona.forbidden_commands)
@@ -141,6 +159,12 @@ class ServerContext:
         self.sessions: set[SMTPSession] = set()
         self.shutting_down = False
         self.loop = asyncio.get_event_loop()
+        #: Idle and session-time deadlines of every session, on one coarse timer.
+        self.timeouts: Deadlines[SMTPSession] = Deadlines(
+            self.loop, _TIMEOUT_RESOLUTION, SMTPSession._check_timeouts)
+        queued = persona.replies["queued"].replace("{hostname}", hostname).split("{queue_id}")
+        #: The end-of-data reply around its queue id, rendered once: (before, after).
+        self.queued_parts = (queued[0].encode(), (queued[1] + "\r\n").encode())
         self.rendered = {
             key: self._line(template)
             for key, template in persona.replies.items()
@@ -280,7 +304,6 @@ class SMTPSession(asyncio.Protocol):
         "_record",
         "_skipping",
         "_started",
-        "_timer",
         "_tls",
         "_transport",
         "_writing_paused",
@@ -319,7 +342,6 @@ class SMTPSession(asyncio.Protocol):
         self._junk = 0
         self._commands = 0
         self._pacer: Pacer | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._started = 0.0
         self._last_activity = 0.0
         self._writing_paused = False
@@ -330,7 +352,7 @@ class SMTPSession(asyncio.Protocol):
         ctx = self._ctx
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
-        sock = transport.get_extra_info("sockname") or ("", 0)
+        sock = ctx.local_address or transport.get_extra_info("sockname") or ("", 0)
         record = self._record = SessionRecord(
             start=time.time(), client_ip=_unmapped(peer[0]), client_port=peer[1],
             local_ip=_unmapped(sock[0]), local_port=sock[1], persona=ctx.persona.name,
@@ -350,8 +372,8 @@ class SMTPSession(asyncio.Protocol):
             self._note_tls()
         self._pacer = ctx.tarpit.pacer_for(record.client_ip, transport)
         if self._pacer is not None:
-            record.flags |= Flag.TARPITTED
-        self._timer = ctx.loop.call_later(ctx.limits.idle_timeout, self._check_timeouts)
+            record.flags |= _F_TARPITTED
+        ctx.timeouts.schedule(self, self._started + ctx.limits.idle_timeout)
         greeting = self._greeting()
         teaser = ctx.tarpit.pregreet_wait()
         if teaser and greeting.startswith(b"220 "):
@@ -374,9 +396,7 @@ class SMTPSession(asyncio.Protocol):
         ctx = self._ctx
         ctx.sessions.discard(self)
         ctx.tracker.release(record.client_ip)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        ctx.timeouts.cancel(self)
         if exc is not None and record.end_reason == EndReason.CLIENT_CLOSE:
             record.end_reason = EndReason.ERROR
         if self._held is not None and self._held[2]:  # gave up waiting for our reply
@@ -411,7 +431,7 @@ class SMTPSession(asyncio.Protocol):
                 self._resume_input()
 
     def _check_timeouts(self) -> None:
-        """Idle and total-session timer: one handle per session, re-armed lazily."""
+        """Idle and total-session deadline (``ctx.timeouts``), re-armed lazily."""
         ctx = self._ctx
         now = ctx.loop.time()
         limits = ctx.limits
@@ -420,11 +440,10 @@ class SMTPSession(asyncio.Protocol):
         if self._held is not None:
             idle_left = limits.idle_timeout  # we are the ones waiting
         if idle_left <= 0 or session_left <= 0:
-            self._timer = None
             key = "timeout" if idle_left <= 0 else "session_too_long"
             self._end(EndReason.TIMEOUT if idle_left <= 0 else EndReason.LIMIT, key, now=True)
             return
-        self._timer = ctx.loop.call_later(min(idle_left, session_left), self._check_timeouts)
+        ctx.timeouts.schedule(self, now + min(idle_left, session_left))
 
     def shutdown(self) -> None:
         """Server shutdown: say goodbye as the persona does and close."""
@@ -469,7 +488,7 @@ class SMTPSession(asyncio.Protocol):
                 and record.flags & BOT_FLAGS:
             pacer = self._pacer = ctx.tarpit.escalate(self._transport)
             if pacer is not None:
-                record.flags |= Flag.TARPITTED
+                record.flags |= _F_TARPITTED
         if pacer is not None:
             paced, interval = pacer.pace(stage, record.held if record is not None else 0.0,
                                          len(data))
@@ -565,8 +584,25 @@ class SMTPSession(asyncio.Protocol):
             if self._held is _TLS_PENDING:
                 return  # RFC 3207: nothing sent before the handshake is kept
             if not self._greeted:
-                record.flags |= Flag.PREGREET
+                record.flags |= _F_PREGREET
             self._stash(data)
+            return
+        mode = self._mode
+        if mode == _CMD and not self._line:
+            # The common case, one whole command line per read: straight to dispatch.
+            last = len(data) - 1
+            if (0 < last <= self._ctx.limits.line_length and data[last - 1] == 0x0D
+                    and data.find(b"\n") == last):
+                self._dispatch(data[:last - 1])
+                if self._errors >= self._ctx.limits.errors and not self._close_after:
+                    self._end(EndReason.LIMIT, "too_many_errors")
+                self._flush()
+                return
+        elif mode == _DATA:  # message text: no loop needed unless a command follows it
+            pos = self._consume_data(data, 0)
+            if pos < len(data):
+                self._consume(data, pos)
+            self._flush()
             return
         self._consume(data)
         self._flush()
@@ -582,8 +618,8 @@ class SMTPSession(asyncio.Protocol):
             return
         self._input = data + self._input if unread else self._input + data
 
-    def _consume(self, data: bytes) -> None:
-        pos, size = 0, len(data)
+    def _consume(self, data: bytes, pos: int = 0) -> None:
+        size = len(data)
         while pos < size:
             if self._held is not None or self._writing_paused:
                 if self._held is not _TLS_PENDING:  # after STARTTLS the rest is dropped
@@ -702,7 +738,7 @@ class SMTPSession(asyncio.Protocol):
             if finished:
                 window = window[:-5]
             if _SMUGGLING.search(window):
-                record.flags |= Flag.SMUGGLING
+                record.flags |= _F_SMUGGLING
 
     def _end_of_data(self) -> None:
         ctx = self._ctx
@@ -710,12 +746,14 @@ class SMTPSession(asyncio.Protocol):
         too_big = self._data_bytes - 3 > ctx.limits.message_size
         self._data_bytes = 0
         self._data_tail = b""
-        self._stage("end_of_data")
+        if self._record is not None:
+            self._record.last_stage = "end_of_data"
         if too_big:
             self._mail_reset()
             self._error(ctx.reply("message_too_big"), Stage.END_OF_DATA)
             return
-        self._accepted(ctx.reply("queued", queue_id=ctx.persona.queue_id()))
+        head, tail = ctx.queued_parts
+        self._accepted(head + ctx.persona.queue_id().encode() + tail)
 
     def _accepted(self, reply: bytes) -> None:
         self._mail_reset()
@@ -766,7 +804,7 @@ class SMTPSession(asyncio.Protocol):
                     or (persona.forbid_non_alpha and not 0x41 <= verb[0] <= 0x5A)
                     or (persona.forbid_header_lines and _HEADER_LINE.match(line))):
                 if record is not None:
-                    record.flags |= Flag.NON_SMTP
+                    record.flags |= _F_NON_SMTP
                 self._end(EndReason.FORBIDDEN, "forbidden")
             else:
                 self._error(ctx.reply("unknown"))
@@ -914,7 +952,7 @@ class SMTPSession(asyncio.Protocol):
         record = self._record
         if not ctx.accepts_domain(text):
             if record is not None:
-                record.flags |= Flag.RELAY_ATTEMPT
+                record.flags |= _F_RELAY_ATTEMPT
             self._error(ctx.reply("relay_denied", address=text))
             return
         greylist = ctx.tarpit.greylist
@@ -922,7 +960,7 @@ class SMTPSession(asyncio.Protocol):
             sender = record.mail_from[-1] if record.mail_from else ""
             verdict = greylist.check(record.client_ip, sender, text)
             record.flags |= verdict
-            if verdict & Flag.GREYLISTED:
+            if verdict & _F_GREYLISTED:
                 self._error(ctx.reply("greylisted", address=text, sender=sender,
                                       domain=text.rpartition("@")[2] or ctx.hostname,
                                       client_ip=record.client_ip))
@@ -1039,7 +1077,7 @@ class SMTPSession(asyncio.Protocol):
 
     def _auth(self, arg: bytes) -> None:
         if self._record is not None:
-            self._record.flags |= Flag.AUTH_ATTEMPT
+            self._record.flags |= _F_AUTH_ATTEMPT
         self._error(self._ctx.reply("auth_disabled"))
 
     def _xclient(self, arg: bytes) -> None:

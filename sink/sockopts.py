@@ -183,11 +183,27 @@ def tcp_info(sock: Any) -> TcpInfo | None:
     return parse_tcp_info(raw)
 
 
-def tcp_info_of(transport: Any) -> TcpInfo | None:
-    """``TCP_INFO`` of a transport's socket (uvloop keeps it open in ``connection_lost``)."""
+_SEGMENTS_LEN = 144  # through tcpi_segs_in
+_RETRANS = struct.Struct("I")  # tcpi_total_retrans at 100
+_SEGS_IN = struct.Struct("I")  # tcpi_segs_in at 140
+
+
+def segments_of(transport: Any) -> tuple[int, int] | None:
+    """(segments received, segments retransmitted) of a transport's socket, or ``None``.
+
+    The two ``TCP_INFO`` fields the engine records for every session at close
+    (uvloop keeps the socket open in ``connection_lost``), read without building a
+    :class:`TcpInfo`.
+    """
     if transport is None:
         return None
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
-    return tcp_info(sock)
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _SEGMENTS_LEN)
+    except (OSError, ValueError):
+        return None
+    if len(raw) < _SEGMENTS_LEN:
+        return None
+    return _SEGS_IN.unpack_from(raw, 140)[0], _RETRANS.unpack_from(raw, 100)[0]

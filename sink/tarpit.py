@@ -70,6 +70,11 @@ BOT_FLAGS = int(
     | Flag.AUTH_ATTEMPT | Flag.RELAY_ATTEMPT | Flag.SMUGGLING
 )
 
+# Plain ints: ``int & IntFlag`` goes through enum's Python-level ``__rand__``.
+_F_TARPITTED = int(Flag.TARPITTED)
+_F_GREYLISTED = int(Flag.GREYLISTED)
+_F_GREYLIST_RETRY = int(Flag.GREYLIST_RETRY)
+
 
 @dataclass(frozen=True, slots=True)
 class Pacing:
@@ -288,12 +293,11 @@ class Tarpit:
 
     def closed(self, record: SessionRecord, transport: Any) -> None:
         """At connection loss: record the kernel's counts, give back the budget slot."""
-        if record.flags & Flag.TARPITTED:
+        if record.flags & _F_TARPITTED:
             self.tarpitted -= 1
-        info = sockopts.tcp_info_of(transport)
-        if info is not None:
-            record.segments_in = info.segs_in
-            record.retransmits = info.total_retrans
+        counts = sockopts.segments_of(transport)
+        if counts is not None:
+            record.segments_in, record.retransmits = counts
 
     # -- reputation and counters (on_close) -----------------------------------------
 
@@ -306,14 +310,15 @@ class Tarpit:
         counters["session_seconds"] += record.duration
         counters["segments_in"] += record.segments_in
         counters["bytes_in"] += record.bytes
-        if record.flags & Flag.GREYLISTED:
+        flags = record.flags
+        if flags & _F_GREYLISTED:
             counters["greylist_deferrals"] += 1
-        if record.flags & Flag.GREYLIST_RETRY:
+        if flags & _F_GREYLIST_RETRY:
             counters["greylist_retries"] += 1
         ip = record.client_ip
         visits = self._visits.pop(ip, 0) + 1
         self._visits[ip] = visits
-        if record.flags & BOT_FLAGS or visits >= self.policy.known_bad_sessions:
+        if flags & BOT_FLAGS or visits >= self.policy.known_bad_sessions:
             self._known_bad.add(ip)
         while len(self._visits) > self.policy.remember:
             forgotten, _ = self._visits.popitem(last=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
@@ -160,3 +161,20 @@ def test_nmap_calls_it_postfix(sink: SinkProcess) -> None:
     result = subprocess.run([nmap, "-sV", "-Pn", "-p", str(sink.port), sink.host],
                             capture_output=True, text=True, timeout=180)
     assert "Postfix smtpd" in result.stdout, result.stdout
+
+
+def test_session_local_address_on_specific_and_wildcard_listeners(tmp_path: Path) -> None:
+    """A specific listener's address is taken as is; a wildcard one asks each socket."""
+    wildcard = free_port("0.0.0.0")
+    args = ["--smtp", f"0.0.0.0:{wildcard}", "--log-level", "info", "--log-format", "json"]
+    with SinkProcess(tmp_path / "data", args, host="127.0.0.2") as sink:
+        for host, port in (("127.0.0.2", sink.port), ("127.0.0.3", wildcard)):
+            with smtplib.SMTP(host, port, timeout=5) as client:
+                client.ehlo("client.example.net")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sink.log().count("client.example.net") < 2:
+            time.sleep(0.05)
+        sessions = [json.loads(line) for line in sink.log().splitlines()
+                    if '"helo":"client.example.net"' in line]  # not the start-up probe
+    assert sorted(s["local"] for s in sessions) == [f"127.0.0.2:{sink.port}",
+                                                    f"127.0.0.3:{wildcard}"]
