@@ -374,9 +374,9 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_send(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from sink.send import run
+    from sink.send import main as send_main
 
-    return run(args)
+    return send_main(args, argv)  # from the command line it exits at once (sink.send.main)
 
 
 def _add_version(subparsers: argparse._SubParsersAction) -> None:

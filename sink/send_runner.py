@@ -31,6 +31,7 @@ from sink.send_source import SourceRotation, bound_socket
 from sink.send_stats import CONNECT, TLS, Stats
 
 PUBLISH_INTERVAL = 0.2
+_perf = time.perf_counter
 
 
 @dataclass(slots=True)
@@ -192,13 +193,14 @@ class Runner:
         """Connect one session for the message whose ticket the caller took and
         ``reserved`` more; ``None`` when the connection could not be made: then the
         first message failed and the reserved tickets went back to the pool."""
-        config, stats, loop = self.config, self.stats, asyncio.get_running_loop()
-        started = time.perf_counter()
+        # The loop is passed, not looked up: get_running_loop() costs a getpid() call.
+        config, stats, loop = self.config, self.stats, self.ctx.loop
+        started = _perf()
         if started < stats.started:
             stats.started = started
         session = SenderSession(self.ctx, started, reserved)
         stage, cause = CONNECT, ""
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)
         assert task is not None
         self._connecting[task] = started + config.timeout
         try:
@@ -244,7 +246,8 @@ class Runner:
 
     async def _sweep(self) -> None:
         """Time out connection attempts and awaited replies that are late (see the module
-        contract); a late connect is cancelled and counted by :meth:`open_session`."""
+        contract); a late connect is cancelled and counted by :meth:`open_session`. Each
+        tick also folds large latency buffers (:meth:`Stats.compact`)."""
         tick = min(1.0, max(0.01, self.config.timeout / 10))
         active, connecting, timed_out = self.ctx.active, self._connecting, self._timed_out
         while True:
@@ -256,6 +259,7 @@ class Runner:
                     task.cancel()
             for session in [s for s in active if s.deadline < now]:
                 session.timed_out()
+            self.stats.compact()
 
     async def _publisher(self) -> None:
         assert self._publish is not None
