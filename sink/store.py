@@ -478,7 +478,10 @@ def _decode_block(data: bytes) -> list[tuple | None]:
     """The session tuples of a block in ``SESSION_FIELDS`` order, ``None`` for deleted
     ones (a block written with other fields is mapped by name; fields it lacks get
     ``SESSION_DEFAULTS``)."""
-    fields, columns, dead = _PlainUnpickler(io.BytesIO(data)).load()
+    try:
+        fields, columns, dead = _PlainUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as exc:
+        raise StoreError(f"a session block in the store is damaged: {exc}") from None
     if tuple(fields) != SESSION_FIELDS:
         size = len(columns[0]) if columns else 0
         by_name = dict(zip(fields, columns, strict=True))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import pickle
 import sqlite3
 import threading
 import time
@@ -10,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from sink.record import Flag, SessionRecord
+from sink.record import EndReason, Flag, SessionRecord
 from sink.store import (
+    BLOCK_ROWS,
     MIGRATIONS,
     SCHEMA_VERSION,
+    SESSION_FIELDS,
     IpFilter,
     SessionFilter,
     SQLiteReader,
@@ -307,3 +311,121 @@ def test_writers_in_several_processes_lose_no_update(tmp_path: Path):
     row = open_reader(tmp_path).ip("192.0.2.77")["row"]
     assert row[3] == 3 * 40 * 50
     assert row[4] == 2 * 3 * 40 * 50
+
+
+_V4_COLUMNS = ("start", "end", "client_ip", "client_port", "local_ip", "local_port", "persona",
+               "helo", "tls_version", "tls_cipher", "mail_from", "recipients",
+               "first_recipients", "messages", "bytes", "commands", "errors", "bare_lf",
+               "bare_cr", "flags", "end_reason", "held", "segments_in", "retransmits",
+               "last_stage", "waited")
+
+
+def test_migration_from_version_4_moves_every_session_into_blocks(tmp_path: Path):
+    conn = sqlite3.connect(store_path(tmp_path), isolation_level=None)
+    assert migrate(conn, target=4) == 4
+    insert = (f"INSERT INTO sessions ({', '.join(_V4_COLUMNS)}) "
+              f"VALUES ({', '.join('?' * len(_V4_COLUMNS))})")
+    old = []
+    for i in range(5):
+        ip = "192.0.2.1" if i % 2 else "2001:db8::7"
+        row = (100.0 + i, 101.5 + i, ip, 40000 + i, "198.51.100.1", 25, "postfix",
+               f"helo{i}.example", "TLSv1.3" if i == 3 else "", "TLS_AES_128_GCM_SHA256"
+               if i == 3 else "", "a@example.net\nb@example.net" if i == 1 else "", 2,
+               "u@example.org\nv@example.org", 1, 1000 + i, 7, i, 1, 0,
+               int(Flag.BARE_LF | Flag.TARPITTED) if i == 4 else 0, "quit", 0.25 * i, 9 + i,
+               i % 2, "quit", 1.5 if i == 2 else 0.0)
+        conn.execute(insert, row)
+        old.append(row)
+    conn.close()
+    open_writer(tmp_path).close()  # migrates to the current schema
+    conn = sqlite3.connect(store_path(tmp_path))
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    assert "sessions" not in tables
+    reader = open_reader(tmp_path)
+    moved = reader.sessions(SessionFilter(), limit=100)
+    assert len(moved) == 5
+    assert [s["id"] for s in moved] == sorted((s["id"] for s in moved), reverse=True)
+    for stored, row in zip(reversed(moved), old, strict=True):
+        expected = dict(zip(_V4_COLUMNS, row, strict=True))
+        for name in ("mail_from", "first_recipients"):
+            expected[name] = expected[name].split("\n") if expected[name] else []
+        assert {k: v for k, v in stored.items() if k != "id"} == expected
+    assert [s["end"] for s in reader.sessions(SessionFilter(ip="192.0.2.1"))] == [104.5, 102.5]
+    assert len(reader.sessions(SessionFilter(flags=int(Flag.TARPITTED)))) == 1
+    assert len(reader.sessions(SessionFilter(since=103.0, until=105.0))) == 2
+
+
+def test_a_batch_larger_than_a_block_pages_through_every_session(store):
+    writer, reader = store
+    t = 1_800_000_000.0
+    total = BLOCK_ROWS + 10
+    writer.write([session(f"10.0.{i % 7}.1", end=t + i / 1000) for i in range(total)])
+    seen, before = [], None
+    while page := reader.sessions(SessionFilter(), limit=1000, before_id=before):
+        seen += page
+        before = page[-1]["id"]
+    assert len(seen) == total
+    assert [s["end"] for s in seen] == sorted((s["end"] for s in seen), reverse=True)
+    assert len({s["id"] for s in seen}) == total
+    assert len(reader.sessions(SessionFilter(ip="10.0.3.1"), limit=10_000)) == len(
+        range(3, total, 7))
+
+
+def test_deleting_a_sender_keeps_the_ids_of_the_others(store):
+    writer, reader = store
+    t = time.time()
+    writer.write([session("192.0.2.1" if i % 3 else "192.0.2.2", end=t + i) for i in range(9)])
+    kept = [s["id"] for s in reader.sessions(SessionFilter(ip="192.0.2.2"))]
+    assert len(kept) == 3
+    assert reader.delete_ip("192.0.2.1")
+    assert [s["id"] for s in reader.sessions(SessionFilter())] == kept
+    assert reader.sessions(SessionFilter(ip="192.0.2.1")) == []
+    assert reader.delete_ip("192.0.2.2")
+    assert reader.sessions(SessionFilter()) == []
+    conn = sqlite3.connect(store_path(writer.path.parent))
+    assert conn.execute("SELECT count(*) FROM session_blocks").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM session_ips").fetchone() == (0,)
+    conn.close()
+
+
+def test_enum_fields_are_stored_as_plain_values(store):
+    writer, reader = store
+    record = session(flags=Flag.PREGREET | Flag.AUTH_ATTEMPT)
+    record.end_reason = EndReason.TIMEOUT
+    writer.write([record])
+    (stored,) = reader.sessions(SessionFilter())
+    assert type(stored["flags"]) is int and stored["flags"] == Flag.PREGREET | Flag.AUTH_ATTEMPT
+    assert type(stored["end_reason"]) is str and stored["end_reason"] == "timeout"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_block_cannot_run_code_in_a_reader(store, tmp_path: Path):
+    writer, reader = store
+    writer.write([session()])
+    evil = _RunsCode()
+    evil.marker = tmp_path / "ran"
+    blob = pickle.dumps((SESSION_FIELDS, (evil,), ()), protocol=5)
+    writer.conn.execute("UPDATE session_data SET data = ?", (blob,))
+    with pytest.raises(StoreError, match="damaged"):
+        reader.sessions(SessionFilter())
+    assert not evil.marker.exists()
+
+
+def test_a_block_from_another_version_is_read_by_field_name(store):
+    writer, reader = store
+    writer.write([session()])
+    # A block written before ``waited`` existed, with its fields in another order.
+    fields = tuple(reversed([f for f in SESSION_FIELDS if f != "waited"]))
+    record = session("192.0.2.5", end=500.0)
+    record.end_reason = "quit"  # plain str: pickle.dumps would name the enum class
+    columns = tuple((getattr(record, f),) for f in fields)
+    writer.conn.execute("UPDATE session_data SET data = ?",
+                        (pickle.dumps((fields, columns, ()), protocol=5),))
+    (stored,) = reader.sessions(SessionFilter())
+    assert stored["client_ip"] == "192.0.2.5" and stored["end"] == 500.0
+    assert stored["waited"] == 0 and stored["mail_from"] == ["spam@example.net"]
