@@ -47,12 +47,14 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _NOTIFY = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
 _MAX_BDAT = 1 << 62
 #: ``_held`` while a STARTTLS handshake runs: nothing is processed, input is dropped.
-_TLS_PENDING: tuple[bytes, float, float] = (b"", 0.0, 0.0)
+_TLS_PENDING: tuple[bytes, float, float, float] = (b"", 0.0, 0.0, 0.0)
 #: Seconds a closing connection may take to drain its output before it is aborted
 #: (a client that stops reading must not keep its slot, and its memory, forever).
 _CLOSE_GRACE = 10.0
 #: Idle and session timeouts fire up to this many seconds late.
 _TIMEOUT_RESOLUTION = 0.25
+#: Held replies and stuttered bytes go out up to this many seconds late.
+_PACING_RESOLUTION = 0.01
 #: Replies gathered from one read before they are written out (and the write buffer's
 #: high-water mark gets a say), so one read cannot make an unbounded reply.
 _MAX_BATCH = 64
@@ -134,6 +136,7 @@ class ServerContext:
         tls: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         listening: tuple[str, int] | None = None,
+        releases: Deadlines[SMTPSession] | None = None,
         tracker: ConnectionTracker | None = None,
         on_close: Callable[[SessionRecord], None] | None = None,
     ) -> None:
@@ -162,6 +165,9 @@ class ServerContext:
         #: Idle and session-time deadlines of every session, on one coarse timer.
         self.timeouts: Deadlines[SMTPSession] = Deadlines(
             self.loop, _TIMEOUT_RESOLUTION, SMTPSession._check_timeouts)
+        #: When held replies (and each stuttered byte) are due; shared by the listeners
+        #: of a process, so the tarpit's write budget is per process.
+        self.releases = releases or pacing_releases(self.loop, tarpit)
         queued = persona.replies["queued"].replace("{hostname}", hostname).split("{queue_id}")
         #: The end-of-data reply around its queue id, rendered once: (before, after).
         self.queued_parts = (queued[0].encode(), (queued[1] + "\r\n").encode())
@@ -213,6 +219,12 @@ class ServerContext:
         if self.domains is None:
             return True
         return domain_accepted(address, self.domains)
+
+
+def pacing_releases(loop: asyncio.AbstractEventLoop, tarpit: Tarpit) -> Deadlines[SMTPSession]:
+    """The timer of held replies for one process, limited to the tarpit's write budget."""
+    return Deadlines(loop, _PACING_RESOLUTION, SMTPSession._release,
+                     rate=tarpit.policy.write_budget or None)
 
 
 def _unmapped(ip: str) -> str:
@@ -317,7 +329,8 @@ class SMTPSession(asyncio.Protocol):
         self._line = bytearray()
         self._skipping = False
         self._out: list[bytes] = []
-        self._held: tuple[bytes, float, float] | None = None  # (rest, interval, held since)
+        # A reply held back: (rest, seconds between bytes, held since, when due).
+        self._held: tuple[bytes, float, float, float] | None = None
         # Replies produced while another is held: (data, delay, interval), sent in order.
         self._queued: list[tuple[bytes, float, float]] | None = None
         self._input = b""
@@ -397,6 +410,7 @@ class SMTPSession(asyncio.Protocol):
         ctx.sessions.discard(self)
         ctx.tracker.release(record.client_ip)
         ctx.timeouts.cancel(self)
+        ctx.releases.cancel(self)
         if exc is not None and record.end_reason == EndReason.CLIENT_CLOSE:
             record.end_reason = EndReason.ERROR
         if self._held is not None and self._held[2]:  # gave up waiting for our reply
@@ -508,8 +522,9 @@ class SMTPSession(asyncio.Protocol):
         ctx = self._ctx
         # Reading goes on while a reply is held (input is buffered up to buffer_bytes):
         # so talking early is seen (PREGREET), and a client that gives up is noticed.
-        self._held = (data, interval, ctx.loop.time())
-        ctx.loop.call_later(delay, self._release)
+        now = ctx.loop.time()
+        self._held = (data, interval, now, now + delay)
+        ctx.releases.schedule(self, now + delay)
 
     def _release(self) -> None:
         """A held reply is due: send it, whole or one byte per interval."""
@@ -517,11 +532,19 @@ class SMTPSession(asyncio.Protocol):
         transport = self._transport
         if held is None or transport is None or transport.is_closing():
             return
-        data, interval, since = held
+        data, interval, since, due = held
         if interval and len(data) > 1:
             transport.write(data[:1])
-            self._held = (data[1:], interval, since)
-            self._ctx.loop.call_later(interval, self._release)
+            # Counted from when this byte was due, so the timer's lateness does not add
+            # up; a session that fell further behind (the write budget was spent) goes
+            # on from now instead of catching up in a burst.
+            ctx = self._ctx
+            due += interval
+            now = ctx.loop.time()
+            if due < now:
+                due = now + interval
+            self._held = (data[1:], interval, since, due)
+            ctx.releases.schedule(self, due)
             return
         transport.write(data)
         self._held = None

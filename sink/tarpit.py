@@ -123,6 +123,9 @@ class Policy:
     ``known_bad_sessions``: sessions from one address (since it was last forgotten)
     after which it is paced from connect; an address with a flagged session is paced
     on its next visit. ``remember``: addresses kept in memory (oldest forgotten first).
+    ``write_budget``: paced writes (held replies and stuttered bytes) per second per
+    process at most, 0 = no limit; beyond it every paced session waits its turn, so
+    stuttering to 50,000 clients costs what stuttering to ``write_budget`` does.
     """
 
     who: str = "flagged"
@@ -130,8 +133,11 @@ class Policy:
     hold_cap: float = 600.0
     known_bad_sessions: int = 10
     remember: int = 100_000
+    write_budget: float = 10_000.0
 
     def __post_init__(self) -> None:
+        if self.write_budget < 0:
+            raise ValueError("the write budget cannot be negative")
         if self.who not in WHO:
             raise ValueError(f"unknown tarpit target {self.who!r}; choose one of: {', '.join(WHO)}")
 

@@ -122,3 +122,35 @@ def test_resolution_must_be_positive() -> None:
             Deadlines(asyncio.get_running_loop(), 0, print)
 
     run(scenario)
+
+
+def test_a_rate_limits_fires_per_second_and_keeps_deadline_order() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        fired: list[Item] = []
+        deadlines: Deadlines[Item] = Deadlines(loop, RESOLUTION, fired.append, rate=100.0)
+        now = loop.time()
+        early = [Item(f"early{i}") for i in range(100)]
+        late = [Item(f"late{i}") for i in range(100)]
+        for item in early:
+            deadlines.schedule(item, now)
+        for item in late:
+            deadlines.schedule(item, now + 0.1)
+        started = loop.time()
+        while len(deadlines):
+            await asyncio.sleep(RESOLUTION)
+        took = loop.time() - started
+        # 200 fires at 100/s with a 0.1 s burst: about 1.9 s, never much less.
+        assert 1.6 < took < 3.0, took
+        assert set(fired[:100]) == set(early), "a later deadline fired before an earlier one"
+        assert len(fired) == 200
+
+    run(scenario)
+
+
+def test_rate_must_be_positive() -> None:
+    async def scenario() -> None:
+        with pytest.raises(ValueError):
+            Deadlines(asyncio.get_running_loop(), 0.01, print, rate=0)
+
+    run(scenario)

@@ -121,6 +121,29 @@ def test_budget_holds_when_twice_the_cap_connect(tmp_path: Path) -> None:
     assert len(full) == 4 and len(stuttering) == 4, got
 
 
+def test_write_budget_bounds_stuttered_bytes_per_second(tmp_path: Path) -> None:
+    """Ten clients that would get 20 bytes/s each share a budget of 40 writes/s."""
+    args = ["--tarpit", "spamd", "--tarpit-who", "all", "--stutter", "20", "--jitter", "0",
+            "--pregreet-wait", "0", "--write-budget", "40"]
+    with SinkProcess(tmp_path / "data", args) as sink:
+        time.sleep(0.3)  # the start-up probe's session has closed
+        clients = [socket.create_connection((sink.host, sink.port), timeout=5) for _ in range(10)]
+        window = 2.0
+        time.sleep(window)
+        received = []
+        for client in clients:
+            client.setblocking(False)
+            try:
+                received.append(len(client.recv(200)))
+            except BlockingIOError:
+                received.append(0)
+            client.close()
+    total = sum(received)
+    # Unbudgeted this would be ~400 bytes; the budget allows 40/s plus a 4-write burst.
+    assert 40 <= total <= 40 * (window + 0.5) + 4, received
+    assert min(received) >= 2, f"a client was starved: {received}"  # everyone waits its turn
+
+
 def test_small_mss_makes_the_client_send_small_segments(tmp_path: Path) -> None:
     with SinkProcess(tmp_path / "data", ["--mss", "88"]) as sink:
         _, snd_mss, _, data_segs = send_message(sink.host, sink.port)
