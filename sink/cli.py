@@ -121,10 +121,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="paced sessions at once per process; beyond it, normal pacing")
     pacing.add_argument("--write-budget", type=argtypes.count, default=10_000,
                         metavar="WRITES_PER_S",
-                        help="paced writes (stuttered bytes and held replies) per second per "
-                        "process at most (0 = no limit); beyond it every paced session waits "
-                        "its turn, so thousands of stuttering clients cost no more CPU than "
-                        "this many bytes a second")
+                        help="paced writes (stuttered bytes and held replies) per second at "
+                        "most, for the whole sink (each of --workers gets its share; 0 = no "
+                        "limit); beyond it every paced session waits its turn, so thousands of "
+                        "stuttering clients cost no more CPU than this many bytes a second")
     pacing.add_argument("--hold-cap", type=argtypes.seconds, default=600.0,
                         help="seconds of pacing per session at most; each reply also stays "
                         "under RFC 5321's client timeout for its stage (5 min greeting and "
@@ -210,7 +210,7 @@ def _settings(args: argparse.Namespace, argv: Sequence[str]):  # -> server.Setti
     )
     policy = Policy(who=args.tarpit_who, max_tarpitted=args.max_tarpitted,
                     hold_cap=args.hold_cap, known_bad_sessions=args.known_bad_sessions,
-                    write_budget=args.write_budget)
+                    write_budget=args.write_budget / args.workers)
     costs = SocketCosts(mss=args.mss, rcvbuf=args.rcvbuf, window_clamp=args.window_clamp,
                         drop_rate=args.drop_rate, for_all=args.socket_costs_for == "all")
     return Settings(

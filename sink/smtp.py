@@ -43,7 +43,9 @@ _GROUP_ENDERS = frozenset({b"EHLO", b"HELO", b"DATA", b"VRFY", b"EXPN", b"TURN",
 _JUNK = frozenset({b"NOOP", b"VRFY", b"ETRN", b"RSET"})
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
 _XTEXT = re.compile(rb"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+#: Bytes an address may not contain: controls, and "<" inside the brackets.
+_CONTROLS = bytes(range(0x20)) + b"\x7f"
+_NOT_IN_BRACKETS = _CONTROLS + b"<"
 _NOTIFY = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
 _MAX_BDAT = 1 << 62
 #: ``_held`` while a STARTTLS handshake runs: nothing is processed, input is dropped.
@@ -266,17 +268,17 @@ def _parse_path(arg: bytes, keyword: bytes) -> tuple[int, bytes, list[bytes]]:
     rest = arg[len(keyword):].lstrip()
     if not rest:
         return 1, b"", []
-    if rest.startswith(b"<"):
+    if rest[0] == 0x3C:  # "<"
         close = rest.find(b">")
         if close < 0:
             return 2, b"", []
         address, rest = rest[1:close], rest[close + 1:]
-        if b"<" in address:
-            return 2, b"", []
+        forbidden = _NOT_IN_BRACKETS
     else:
         parts = rest.split(None, 1)
         address, rest = parts[0], parts[1] if len(parts) > 1 else b""
-    if _CONTROL.search(address):
+        forbidden = _CONTROLS
+    if len(address.translate(None, forbidden)) != len(address):
         return 2, b"", []
     return 0, address, rest.split()
 

@@ -187,3 +187,15 @@ def test_known_bad_senders_are_loaded_from_the_store(tmp_path: Path) -> None:
     assert tarpit.known_bad("203.0.113.7")  # volume
     assert not tarpit.known_bad("203.0.113.6")
     assert tarpit.pacer_for("203.0.113.5") is not None
+
+
+def test_write_budget_is_for_the_whole_sink_shared_among_workers() -> None:
+    from sink.cli import _settings, build_parser
+
+    def budget(*options: str) -> float:
+        argv = ["serve", "--smtp", "127.0.0.1:2525", *options]
+        return _settings(build_parser().parse_args(argv), argv[1:]).policy.write_budget
+
+    assert budget() == 10_000
+    assert budget("--write-budget", "900", "--workers", "3") == 300
+    assert budget("--write-budget", "0", "--workers", "4") == 0  # no limit stays no limit
