@@ -119,7 +119,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="sessions from one address after which it is paced from connect")
     pacing.add_argument("--max-tarpitted", type=argtypes.positive_int, default=10_000,
                         help="paced sessions at once per process; beyond it, normal pacing")
-    pacing.add_argument("--write-budget", type=argtypes.count, default=10_000,
+    pacing.add_argument("--write-budget", type=argtypes.count, default=5_000,
                         metavar="WRITES_PER_S",
                         help="paced writes (stuttered bytes and held replies) per second at "
                         "most, for the whole sink (each of --workers gets its share; 0 = no "

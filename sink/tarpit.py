@@ -133,7 +133,7 @@ class Policy:
     hold_cap: float = 600.0
     known_bad_sessions: int = 10
     remember: int = 100_000
-    write_budget: float = 10_000.0
+    write_budget: float = 5_000.0
 
     def __post_init__(self) -> None:
         if self.write_budget < 0:

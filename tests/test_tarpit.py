@@ -196,6 +196,6 @@ def test_write_budget_is_for_the_whole_sink_shared_among_workers() -> None:
         argv = ["serve", "--smtp", "127.0.0.1:2525", *options]
         return _settings(build_parser().parse_args(argv), argv[1:]).policy.write_budget
 
-    assert budget() == 10_000
+    assert budget() == 5_000
     assert budget("--write-budget", "900", "--workers", "3") == 300
     assert budget("--write-budget", "0", "--workers", "4") == 0  # no limit stays no limit
