@@ -133,14 +133,15 @@ def sink_cost(rounds: int, messages: int, per_connection: int,
         cpu = statistics.median(r["cpu_us"] for r in runs)
         low = min(r["cpu_us"] for r in runs)
         writer = statistics.median(r["other_us"] for r in runs)
+        loop = statistics.median(r["loop_us"] for r in runs)
         rate = statistics.median(r["rate"] for r in runs)
         stored = min(r["stored"] for r in runs)
         summary[record] = (cpu, low)
-        rows.append(f"| {per_connection} | {label} | {cpu:.1f} | {low:.1f} | {writer:.1f} | "
-                    f"{rate:,.0f} | {stored:,} |")
+        rows.append(f"| {per_connection} | {label} | {cpu:.1f} | {low:.1f} | {loop:.1f} | "
+                    f"{writer:.1f} | {rate:,.0f} | {stored:,} |")
     (off, off_low), (on, on_low) = summary[False], summary[True]
     rows.append(f"| {per_connection} | **cost of recording** | **{(on - off) / off * 100:+.1f} %**"
-                f" | **{(on_low - off_low) / off_low * 100:+.1f} %** | | | |")
+                f" | **{(on_low - off_low) / off_low * 100:+.1f} %** | | | | |")
     return rows
 
 
@@ -204,7 +205,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="on/off rounds per load")
     parser.add_argument("--messages", type=int, default=20_000, help="messages per round")
     parser.add_argument("--records", type=int, default=200_000,
-                        help="records per recorder throughput run")
+                        help="records per recorder throughput run (0: skip that part)")
+    parser.add_argument("--shapes", default="1,1000", metavar="N,N",
+                        help="messages per connection of the sink loads (comma-separated)")
     parser.add_argument("--pin", type=int, default=None, metavar="CPU",
                         help="also run the one-message-per-connection load with the server "
                         "pinned to this CPU (taskset): event loop and writer share it")
@@ -216,18 +219,20 @@ def main() -> int:
     print(f"### Sink CPU per message, recording off vs on ({args.rounds} rounds each, "
           f"{args.messages:,} messages, smtp-source -s 50 -l 1024)\n")
     print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
-          "of which writer thread | msgs/s | sessions in store |")
-    print("|---|---|---|---|---|---|---|")
-    for per_connection in (1, 1000):
+          "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
+    print("|---|---|---|---|---|---|---|---|")
+    for per_connection in (int(n) for n in args.shapes.split(",") if n):
         for row in sink_cost(args.rounds, args.messages, per_connection):
             print(row, flush=True)
     if args.pin is not None:
         print(f"\nServer pinned to CPU {args.pin} (`taskset -c {args.pin}`), smtp-source free:\n")
         print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
-              "of which writer thread | msgs/s | sessions in store |")
-        print("|---|---|---|---|---|---|---|")
+              "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in sink_cost(args.rounds, args.messages, 1, args.pin):
             print(row, flush=True)
+    if not args.records:
+        return 0
     print(f"\n### Recorder into SQLite ({args.records:,} sessions per run)\n")
     print("| senders | sessions/s | writer CPU µs/session |")
     print("|---|---|---|")
