@@ -2,9 +2,12 @@
 
 ``hold``: ``spamsink serve --tarpit spamd --tarpit-who all`` holds N connections opened
 by ``spamsink send --hold N`` from 127.0.0.2-127.0.0.254 (no ephemeral-port limit),
-every reply stuttered at 1 byte/s. Reported: sink RSS per held connection (all worker
-processes, held minus idle), sink CPU while holding (percent of one core, sampled over
-``--window`` seconds), kernel TCP memory. RLIMIT_NOFILE is raised as far as the
+every reply stuttered at 1 byte/s within the sink's ``--write-budget`` (its default
+unless ``--sink-args`` says otherwise). Reported: sink RSS per held connection (all
+worker processes, held minus idle), sink CPU while holding (percent of one core,
+sampled over ``--window`` seconds), the sink's write system calls per second in that
+window (each a stuttered byte) and so the seconds between bytes per connection and
+the CPU per write, kernel TCP memory. RLIMIT_NOFILE is raised as far as the
 process may; when a process may not hold N sockets, the sink runs ``--workers`` and the
 client ``--procs`` so that each process stays under its limit.
 
@@ -88,6 +91,19 @@ def rss_bytes(pids: list[int]) -> int:
     for pid in pids:
         with contextlib.suppress(OSError):
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    return total
+
+
+def write_calls(pids: list[int]) -> int:
+    """Write system calls the processes made so far (``syscw`` in /proc/PID/io)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("syscw:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
     return total
 
 
@@ -178,10 +194,14 @@ def hold(count: int, nofile: int, window: float, extra: list[str]) -> dict[str, 
         ramp_seconds = time.monotonic() - started
         time.sleep(5.0)
         held_fds = open_fds(tree(sink.pid)) - idle_fds
-        cpu_before, wall_before = cpu_seconds(tree(sink.pid)), time.monotonic()
+        pids = tree(sink.pid)
+        cpu_before, writes_before = cpu_seconds(pids), write_calls(pids)
+        wall_before = time.monotonic()
         time.sleep(window)
         pids = tree(sink.pid)
-        cpu = (cpu_seconds(pids) - cpu_before) / (time.monotonic() - wall_before)
+        elapsed = time.monotonic() - wall_before
+        cpu = (cpu_seconds(pids) - cpu_before) / elapsed
+        writes = (write_calls(pids) - writes_before) / elapsed
         held_rss = rss_bytes(pids)
         held_slab = kernel_slab_bytes()
         held_fds = open_fds(pids) - idle_fds
@@ -195,6 +215,9 @@ def hold(count: int, nofile: int, window: float, extra: list[str]) -> dict[str, 
         "connections": count,
         "sink_options": " ".join(["--tarpit spamd --tarpit-who all", *extra]),
         "sink_processes": workers,
+        "sink_writes_per_second": round(writes),
+        "seconds_between_writes_per_connection": round(held_fds / writes, 2) if writes else None,
+        "cpu_us_per_write": round(cpu * 1e6 / writes, 1) if writes else None,
         "client_processes": processes,
         "ramp_seconds": round(ramp_seconds, 1),
         "peak_alive_client": report.get("hold", {}).get("peak_alive"),
