@@ -14,14 +14,17 @@ Contract:
   ``MIGRATIONS``; ``schema_version`` holds the step reached.
 
 Sessions are stored as *blocks* (schema 5): one row per written batch (at most
-``BLOCK_ROWS`` sessions) holding the batch's session tuples, pickled, plus one
-``session_ips`` row per distinct sender in it. A session's id is ``block << ID_SHIFT |
-position``. Reads decode the blocks that can match (by sender, time range and the
-block's union of flags) newest first and filter their rows; retention and deletes
-rewrite a block with the removed sessions blanked, so ids never change. Measured
-(BENCHMARKS.md, "Recording cost"): a 27-column row per session with its two indexes
-cost the writer about 4.3 µs of SQLite per session, a block about 0.1 µs plus 0.4 µs
-of pickling, and recording is what the sink pays per connection.
+``BLOCK_ROWS`` sessions) holding the batch's sessions column by column, pickled with
+plain values only (a reader refuses a block that names any class or function but
+``int``/``str``), plus one ``session_ips`` row per distinct sender in it. A session's
+id is ``block << ID_SHIFT | position``, so ids grow in the order sessions were written.
+Reads decode the blocks that can match (by sender, time range and the block's union
+of flags) newest first and filter their sessions; retention and deletes rewrite a
+block with the removed sessions blanked, so ids never change. Why: a 27-column row
+per session with two indexes cost the writer about 7 µs per session, a block about
+2.4 µs (in-process; BENCHMARKS.md, "Recording cost"), which is what recording costs
+the sink per one-message connection. The price: sessions are not plain SQL rows any
+more; read them through :class:`StoreReader` or the API (``/api/v1/sessions``).
 
 The abstract classes are the seam for a PostgreSQL store for fleets: the SQL is
 standard apart from ``INSERT ... ON CONFLICT`` (which PostgreSQL shares) and the
