@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sink.send_stats import DOT, MAIL, STAGES, Histogram, Stats
+from sink.send_stats import COMPACT_AT, DOT, MAIL, STAGES, Histogram, Stats
 
 
 def exact_percentile(values: list[float], p: float) -> float:
@@ -72,3 +72,26 @@ def test_stats_round_trip_and_merge() -> None:
     assert one.extensions == {"PIPELINING": 1}
     assert one.elapsed == pytest.approx(2.5)
     assert len(one.latency) == len(STAGES)
+
+
+def test_recorded_samples_are_buffered_until_read() -> None:
+    hist = Histogram()
+    for v in (0.001, 0.002, -0.5):
+        hist.pending.append(v)  # the hot path's way of recording
+    assert len(hist.pending) == 3
+    assert hist.count == 3 and hist.max == 0.002  # reading folds the buffer
+    assert len(hist.pending) == 0
+    assert hist.percentile(1) == 0.0  # a negative duration counts as zero
+    hist.add(0.004)
+    assert hist.percentile(100) == pytest.approx(0.004, rel=1 / 64)
+
+
+def test_compact_folds_only_full_buffers() -> None:
+    stats = Stats()
+    stats.latency[MAIL].pending.extend([0.001] * COMPACT_AT)
+    stats.latency[DOT].add(0.002)
+    stats.compact()
+    assert len(stats.latency[MAIL].pending) == 0
+    assert len(stats.latency[DOT].pending) == 1
+    assert stats.latency[MAIL].count == COMPACT_AT
+    assert Stats.from_dict(stats.to_dict()).latency[DOT].count == 1
