@@ -18,11 +18,13 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from email.utils import formatdate
+import time
 from pathlib import Path
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _FILLER = b"The quick brown fox jumps over the lazy dog, sent by spamsink send. 0123456789"
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 class BodyError(ValueError):
@@ -59,6 +61,15 @@ def filler(size: int) -> bytes:
     elif rest:
         tail = _FILLER[: rest - 2] + b"\r\n"
     return line * whole + tail
+
+
+def date_header(seconds: float | None = None) -> str:
+    """An RFC 5322 date in local time, e.g. ``Thu, 26 Nov 2026 23:20:00 +0100`` (what
+    ``email.utils.formatdate(localtime=True)`` gives, without importing the email
+    package: 4 ms of every start)."""
+    tm = time.localtime(seconds)
+    return (f"{_DAYS[tm.tm_wday]}, {tm.tm_mday:02d} {_MONTHS[tm.tm_mon - 1]} {tm.tm_year} "
+            f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} {time.strftime('%z', tm)}")
 
 
 def load_bodies(path: Path) -> list[bytes]:
@@ -101,7 +112,7 @@ class MessageSource:
         if bodies is None:
             from_header = f"<{sender}>" if sender else "<>"
             self._head = (f"From: {from_header}\r\nTo: <{recipient}>\r\nSubject: {subject}\r\n"
-                          f"Date: {formatdate(localtime=True)}\r\nMessage-ID: <").encode()
+                          f"Date: {date_header()}\r\nMessage-ID: <").encode()
             body = filler(body_bytes)
             self._tail = b"@spamsink.send>\r\n\r\n" + body
             self._tail_dot = self._tail + (b".\r\n" if body.endswith(b"\r\n") or not body

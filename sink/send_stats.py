@@ -5,8 +5,9 @@ Contract:
 * :class:`Histogram` records durations in fixed memory (2,048 buckets) with a relative
   error of at most 1/64 (1.6 %) above 128 microseconds and exact microseconds below;
   the maximum, count and sum are exact. Percentiles are nearest-rank. Samples are
-  appended to a buffer (one C call each) and counted into the buckets in bulk when
-  read, or by :meth:`Stats.compact` once the buffer holds :data:`COMPACT_AT`.
+  appended to a buffer (one C call each) and counted into the buckets in bulk by
+  :meth:`Histogram.fold`, which every reader calls first (the runner also calls it
+  every few hundredths of a second, which bounds the buffer).
 * :class:`Stats` is written by one event loop only (no locks); worker processes send
   theirs to the parent as :meth:`Stats.to_dict` and the parent adds them with
   :meth:`Stats.merge`.
@@ -32,8 +33,6 @@ STAGE_LABELS = {"dot": "end of data", "bdat": "BDAT LAST"}
 
 _BUCKETS = 2048
 _MICROS = 1_000_000.0
-#: Pending samples a histogram may hold before :meth:`Stats.compact` folds them.
-COMPACT_AT = 65_536
 
 
 def _index(us: int) -> int:
@@ -52,7 +51,7 @@ class Histogram:
     Recording is cheap: :meth:`add` (or ``pending.append``, a C call, on a hot path)
     only appends to :attr:`pending`; :meth:`fold` counts the pending samples into the
     buckets in a few C-level passes. Every reader folds first, so recorded samples are
-    never missed; a long run calls :meth:`Stats.compact` now and then to bound memory.
+    never missed.
     """
 
     __slots__ = ("_count", "_counts", "_max", "_total", "pending")
@@ -186,13 +185,6 @@ class Stats:
     def histograms(self) -> list[Histogram]:
         """Every histogram: one per stage, then delivery."""
         return [*self.latency, self.delivery]
-
-    def compact(self) -> None:
-        """Fold the histograms whose pending samples passed :data:`COMPACT_AT` (bounds
-        the memory of a long run; the runner calls it about once a second)."""
-        for hist in self.histograms():
-            if len(hist.pending) >= COMPACT_AT:
-                hist.fold()
 
     def fail(self, stage: int, cause: str) -> None:
         """Count one failed message, failed at ``stage`` because of ``cause``."""

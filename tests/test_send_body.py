@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import time
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sink.send_body import BodyError, MessageSource, dot_stuff, filler, load_bodies, normalise
+from sink.send_body import (
+    BodyError,
+    MessageSource,
+    date_header,
+    dot_stuff,
+    filler,
+    load_bodies,
+    normalise,
+)
 
 
 def unstuff(stuffed: bytes) -> bytes:
@@ -97,3 +107,16 @@ def test_body_path_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(BodyError, match="has no files"):
         load_bodies(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("tz", ["UTC0", "CET-1CEST,M3.5.0,M10.5.0/3", "EST5EDT,M3.2.0,M11.1.0"])
+def test_date_header_is_what_email_utils_formats(monkeypatch: pytest.MonkeyPatch,
+                                                 tz: str) -> None:
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        for seconds in (0, 1_700_000_000, 1_720_000_000.5):
+            assert date_header(seconds) == formatdate(seconds, localtime=True)
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sink.send_stats import COMPACT_AT, DOT, MAIL, STAGES, Histogram, Stats
+from sink.send_stats import DOT, MAIL, STAGES, Histogram, Stats
 
 
 def exact_percentile(values: list[float], p: float) -> float:
@@ -86,12 +86,9 @@ def test_recorded_samples_are_buffered_until_read() -> None:
     assert hist.percentile(100) == pytest.approx(0.004, rel=1 / 64)
 
 
-def test_compact_folds_only_full_buffers() -> None:
+def test_stats_carry_buffered_samples_to_other_processes() -> None:
     stats = Stats()
-    stats.latency[MAIL].pending.extend([0.001] * COMPACT_AT)
     stats.latency[DOT].add(0.002)
-    stats.compact()
-    assert len(stats.latency[MAIL].pending) == 0
-    assert len(stats.latency[DOT].pending) == 1
-    assert stats.latency[MAIL].count == COMPACT_AT
-    assert Stats.from_dict(stats.to_dict()).latency[DOT].count == 1
+    stats.delivery.add(0.003)
+    copy = Stats.from_dict(stats.to_dict())
+    assert copy.latency[DOT].count == 1 and copy.delivery.max == 0.003
