@@ -67,6 +67,11 @@ class SocketCosts:
             raise ValueError(f"--drop-rate must be at least 0 and below 1, not {self.drop_rate}")
 
     @property
+    def active(self) -> bool:
+        """True when any socket cost is set."""
+        return bool(self.mss or self.rcvbuf or self.window_clamp or self.drop_rate)
+
+    @property
     def per_connection(self) -> bool:
         """True when something is set on each accepted socket."""
         return bool(self.window_clamp or (self.drop_rate and not self.for_all))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,15 @@ def test_write_budget_is_for_the_whole_sink_shared_among_workers() -> None:
     assert budget() == 5_000
     assert budget("--write-budget", "900", "--workers", "3") == 300
     assert budget("--write-budget", "0", "--workers", "4") == 0  # no limit stays no limit
+
+
+def test_segments_are_measured_when_any_tarpit_feature_is_on_or_asked_for() -> None:
+    from sink.greylist import Greylist
+    from sink.sockopts import SocketCosts
+
+    assert not Tarpit(PRESETS["off"]).measures  # a plain sink skips the TCP_INFO read
+    assert Tarpit(PRESETS["off"], Policy(tcp_info=True)).measures
+    assert Tarpit(PRESETS["spamd"]).measures
+    assert Tarpit(replace(PRESETS["off"], pregreet_wait=6.0)).measures
+    assert Tarpit(PRESETS["off"], costs=SocketCosts(mss=536)).measures
+    assert Tarpit(PRESETS["off"], greylist=Greylist(300.0)).measures

@@ -144,6 +144,20 @@ def test_write_budget_bounds_stuttered_bytes_per_second(tmp_path: Path) -> None:
     assert min(received) >= 2, f"a client was starved: {received}"  # everyone waits its turn
 
 
+def test_segments_recorded_with_tcp_info_and_skipped_by_a_plain_sink(tmp_path: Path) -> None:
+    ports = {}
+    for name, args in (("plain", []), ("tcp-info", ["--tcp-info"])):
+        sink = SinkProcess(tmp_path / name, args).start()
+        try:
+            with smtplib.SMTP(sink.host, sink.port, timeout=10) as smtp:
+                ports[name] = smtp.sock.getsockname()[1]
+                smtp.sendmail("a@b.example", ["u@example.org"], b"Subject: hi\r\n\r\nhello\r\n")
+        finally:
+            ports[name] = stored_sessions(sink)[ports[name]]["segments_in"]
+    assert ports["plain"] == 0  # not measured: the read costs ~10 us per connection
+    assert ports["tcp-info"] >= 6  # EHLO, MAIL, RCPT, DATA, text, QUIT at least
+
+
 def test_small_mss_makes_the_client_send_small_segments(tmp_path: Path) -> None:
     with SinkProcess(tmp_path / "data", ["--mss", "88"]) as sink:
         _, snd_mss, _, data_segs = send_message(sink.host, sink.port)
