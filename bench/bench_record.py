@@ -223,12 +223,14 @@ def main() -> int:
         print(f"needs Postfix's {SMTP_SOURCE} (apt-get install postfix)", file=sys.stderr)
         return 2
     print(f"Machine: {machine()}\n")
-    print(f"### Sink CPU per message, recording off vs on ({args.rounds} rounds each, "
-          f"{args.messages:,} messages, smtp-source -s 50 -l 1024)\n")
-    print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
-          "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
-    print("|---|---|---|---|---|---|---|---|")
-    for per_connection in (int(n) for n in args.shapes.split(",") if n):
+    shapes = [int(n) for n in args.shapes.split(",") if n]
+    if shapes:
+        print(f"### Sink CPU per message, recording off vs on ({args.rounds} rounds each, "
+              f"{args.messages:,} messages, smtp-source -s 50 -l 1024)\n")
+        print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
+              "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
+        print("|---|---|---|---|---|---|---|---|")
+    for per_connection in shapes:
         for row in sink_cost(args.rounds, args.messages, per_connection):
             print(row, flush=True)
     if args.pin is not None:
