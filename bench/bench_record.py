@@ -10,11 +10,15 @@ tables (the numbers in BENCHMARKS.md come from this script).
    connection per message and, separately, 1,000 messages per connection. CPU is
    the server process's utime + stime from ``/proc/<pid>/stat`` (all threads, so the
    recorder's writer thread is included), read after the recorder has written every
-   session (checked in the store). Rounds alternate on/off; the median is reported.
+   session (checked in the store), split into the event-loop thread and the rest
+   (the writer). Each round runs off and on back to back (alternating which goes
+   first); medians, best, and the median of the rounds' own differences.
+   ``--shapes`` picks the loads, ``--pin CPU`` adds a run with the server pinned.
 2. **Recorder throughput**: :class:`sink.record.Recorder` with the SQLite writer in
    this process, fed as fast as the queue takes records, for senders that repeat
    (1 and 1,000 addresses) and all-different addresses; sessions/s of wall time until
-   every record is in the store, and the writer's CPU per record.
+   every record is in the store, and the writer's CPU per record (``--records 0``
+   skips it).
 """
 
 from __future__ import annotations
