@@ -12,8 +12,9 @@ Contract:
 * With ``--pipelining`` and a server offering PIPELINING, MAIL, the RCPTs and DATA go
   in one write, and the message text is sent together with the next message's
   commands (or QUIT), as RFC 2920 allows: about one round trip per message.
-* ``deadline`` is the ``perf_counter()`` time by which the awaited reply must arrive
-  (infinite while nothing is awaited); the runner's sweep calls :meth:`timed_out`.
+* ``deadline`` is the ``perf_counter()`` time by which the awaited reply must arrive:
+  ``--timeout`` after the last write or reply (infinite while nothing is awaited); the
+  runner's sweep calls :meth:`timed_out`.
 * No coroutine or task per command: everything runs in ``data_received`` and plain
   callbacks; the only task is the STARTTLS handshake.
 * Cheap per reply: a read that is exactly a reply (or several) seen before is looked
@@ -153,6 +154,7 @@ class SenderSession(asyncio.Protocol):
         "_expect",
         "_id",
         "_in_msg",
+        "_last",
         "_msg_failed",
         "_msg_start",
         "_next_held",
@@ -166,7 +168,6 @@ class SenderSession(asyncio.Protocol):
         "_tls",
         "_tls_started",
         "_transport",
-        "deadline",
         "done",
         "ended_by",
     )
@@ -179,7 +180,7 @@ class SenderSession(asyncio.Protocol):
         self._parser: ReplyParser | None = None  # made when a read is not a known one
         self._partial = False  # the parser holds part of a reply
         self._expect: deque[tuple[int, float]] = deque()
-        self.deadline = inf
+        self._last = 0.0  # perf_counter() of the last write or reply
         self.done: asyncio.Future[None] = ctx.loop.create_future()
         self._reserved = reserved
         self._in_msg = True  # the runner took the first message's ticket
@@ -203,6 +204,13 @@ class SenderSession(asyncio.Protocol):
         return self._transport is not None
 
     @property
+    def deadline(self) -> float:
+        """When the awaited reply is late (see the module contract)."""
+        if self._closing or not self._expect:
+            return inf
+        return self._last + self._ctx.timeout
+
+    @property
     def number(self) -> int:
         """This connection's number in the process (the ``-v`` dialogue's tag)."""
         return self._id
@@ -221,7 +229,7 @@ class SenderSession(asyncio.Protocol):
         if ctx.dialogue is not None:
             ctx.dialogue.note(self._id, f"connected to {ctx.config.host} port {ctx.config.port}")
         self._expect.append((GREETING, now))
-        self.deadline = now + ctx.timeout
+        self._last = now
 
     def data_received(self, data: bytes) -> None:
         ctx = self._ctx
@@ -231,7 +239,7 @@ class SenderSession(asyncio.Protocol):
             replies = self._parse(data)
             if not replies:
                 return
-        now = _perf()
+        self._last = now = _perf()
         record, dialogue, expect = ctx.record, ctx.dialogue, self._expect
         # Replies in this read can only answer commands written before it arrived.
         answerable = len(expect)
@@ -251,8 +259,6 @@ class SenderSession(asyncio.Protocol):
                 self._close("421")
                 return
             _HANDLERS[stage](self, code, lines, now)
-        if not self._closing:
-            self.deadline = now + ctx.timeout if expect else inf
 
     def _parse(self, data: bytes) -> list[Reply] | None:
         """The replies ``data`` completes; ``None`` after a protocol error. A read that
@@ -330,7 +336,7 @@ class SenderSession(asyncio.Protocol):
         self._transport.write(command)  # type: ignore[union-attr]
         ctx.stats.bytes_out += len(command)
         self._expect.append((stage, now))
-        self.deadline = now + ctx.timeout
+        self._last = now
         if ctx.dialogue is not None:
             ctx.dialogue.sent(self._id, command)
 
@@ -343,7 +349,7 @@ class SenderSession(asyncio.Protocol):
         expect = self._expect
         for stage in stages:
             expect.append((stage, now))
-        self.deadline = now + ctx.timeout
+        self._last = now
         if ctx.dialogue is not None:
             if payload:
                 ctx.dialogue.payload(self._id, payload)
@@ -364,7 +370,6 @@ class SenderSession(asyncio.Protocol):
         if ctx.pacer is not None:
             delay = ctx.pacer.delay()
             if delay > 0:
-                self.deadline = inf
                 self._timer = ctx.loop.call_later(delay, self._send_transaction)
                 return
         self._send_transaction()
@@ -398,7 +403,7 @@ class SenderSession(asyncio.Protocol):
         for stage in before_stages:
             self._expect.append((stage, now))
         self._expect.append((BDAT, now))
-        self.deadline = now + ctx.timeout
+        self._last = now
         if ctx.dialogue is not None:
             ctx.dialogue.sent(self._id, command)
             ctx.dialogue.payload(self._id, payload)
@@ -476,7 +481,7 @@ class SenderSession(asyncio.Protocol):
         ctx = self._ctx
         self._tls_started = now
         self._expect.append((TLS, now))  # so a timeout or close is counted at TLS
-        self.deadline = now + ctx.timeout
+        self._last = now
         task = ctx.loop.create_task(ctx.loop.start_tls(
             self._transport, self, ctx.tls_context, server_hostname=ctx.server_hostname))
         task.add_done_callback(self._tls_ready)
@@ -591,7 +596,6 @@ class SenderSession(asyncio.Protocol):
     def _ending(self, reason: str) -> None:
         self.ended_by = reason
         self._closing = True
-        self.deadline = inf
         if self._timer is not None:  # a paced message that will not start now
             self._timer.cancel()
             self._timer = None
