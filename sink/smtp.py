@@ -182,6 +182,10 @@ class ServerContext:
             if "{" not in template.replace("{hostname}", "")
         }
         self.banner = None if persona.per_session_greeting else self._line(persona.banner)
+        # The replies of every message, looked up once.
+        self.mail_ok = self.reply("mail_ok")
+        self.rcpt_ok = self.reply("rcpt_ok")
+        self.data_ok = self.reply("data_ok")
         self.ehlo_tls = self._ehlo(with_starttls=True)
         self.ehlo_plain = self._ehlo(with_starttls=False)
         per_session = persona.per_session_greeting
@@ -909,7 +913,9 @@ class SMTPSession(asyncio.Protocol):
 
     def _mail_cmd(self, arg: bytes) -> None:
         ctx = self._ctx
-        self._stage("mail")
+        record = self._record
+        if record is not None:
+            record.last_stage = "mail"
         if self._bdat_started or self._bdat_error:
             self._error(ctx.reply("mail_after_bdat"))
             return
@@ -950,14 +956,15 @@ class SMTPSession(asyncio.Protocol):
             self._error(ctx.reply("size_exceeded"))
             return
         self._mail = True
-        record = self._record
         if record is not None and len(record.mail_from) < KEEP_ADDRESSES:
             record.mail_from.append(address[:320].decode("utf-8", "replace"))
-        self._reply(ctx.reply("mail_ok"))
+        self._reply(ctx.mail_ok)
 
     def _rcpt_cmd(self, arg: bytes) -> None:
         ctx = self._ctx
-        self._stage("rcpt")
+        record = self._record
+        if record is not None:
+            record.last_stage = "rcpt"
         if not self._mail:
             self._error(ctx.reply("rcpt_need_mail"))
             return
@@ -987,7 +994,6 @@ class SMTPSession(asyncio.Protocol):
             self._error(ctx.reply("too_many_recipients"))
             return
         text = address.decode("utf-8", "replace")
-        record = self._record
         if not ctx.accepts_domain(text):
             if record is not None:
                 record.flags |= _F_RELAY_ATTEMPT
@@ -1008,11 +1014,12 @@ class SMTPSession(asyncio.Protocol):
             record.recipients += 1
             if len(record.first_recipients) < KEEP_ADDRESSES:
                 record.first_recipients.append(text[:320])
-        self._reply(ctx.reply("rcpt_ok"))
+        self._reply(ctx.rcpt_ok)
 
     def _data_cmd(self, arg: bytes) -> None:
         ctx = self._ctx
-        self._stage("data")
+        if self._record is not None:
+            self._record.last_stage = "data"
         if arg:
             self._error(ctx.reply("data_syntax"))
             return
@@ -1025,7 +1032,7 @@ class SMTPSession(asyncio.Protocol):
         self._mode = _DATA
         self._data_bytes = 0
         self._data_tail = b"\r\n"
-        self._reply(ctx.reply("data_ok"), Stage.DATA_INIT)
+        self._reply(ctx.data_ok, Stage.DATA_INIT)
 
     def _bdat_cmd(self, arg: bytes) -> None:
         self._stage("bdat")
