@@ -145,6 +145,8 @@ def compare(args: argparse.Namespace) -> list[str]:
                 (f"reused connections, spamsink --procs {args.procs}",
                  shapes[1][1], [*send, "-m", str(per_conn), "--procs", str(args.procs)]),
             ]
+        if args.shapes:
+            shapes = [shapes[int(i) - 1] for i in args.shapes.split(",")]
         rows = [f"{n} messages, {s} sessions, {size}-byte body, against Postfix smtp-sink; "
                 f"median of {args.repeat} interleaved runs.", "",
                 "| shape | smtp-source msg/s | spamsink send msg/s | ratio | spamsink send "
@@ -312,6 +314,9 @@ def main() -> None:
     parser.add_argument("--hold-seconds", type=float, default=60.0)
     parser.add_argument("--hold-pause", type=float, default=20.0)
     parser.add_argument("--server-workers", type=int, default=2)
+    parser.add_argument("--shapes", default="",
+                        help="only these rows of the comparison, e.g. '2' or '1,2' (1-3 are "
+                        "the three shapes, 4-5 the --procs rows)")
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--skip-hold", action="store_true")
     args = parser.parse_args()
