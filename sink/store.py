@@ -531,6 +531,13 @@ def _insert_block(conn: sqlite3.Connection, meta: tuple[float, float, int, int],
                      [(block, ip) for ip in ips])
 
 
+def _delete_block(conn: sqlite3.Connection, block: int) -> None:
+    """Delete ``block`` with its blob and its senders' index entries."""
+    for table, key in (("session_blocks", "id"), ("session_data", "block"),
+                       ("session_ips", "block")):
+        conn.execute(f"DELETE FROM {table} WHERE {key} = ?", (block,))
+
+
 def _blank_sessions(conn: sqlite3.Connection, block: int,
                     gone: Callable[[tuple], bool]) -> int:
     """Blank the sessions of ``block`` for which ``gone`` is true (ids stay); delete the
@@ -546,9 +553,7 @@ def _blank_sessions(conn: sqlite3.Connection, block: int,
         return 0
     meta = _block_meta(rows)
     if meta is None:
-        for table, key in (("session_blocks", "id"), ("session_data", "block"),
-                           ("session_ips", "block")):
-            conn.execute(f"DELETE FROM {table} WHERE {key} = ?", (block,))
+        _delete_block(conn, block)
         return blanked
     conn.execute("UPDATE session_blocks SET first_end = ?, last_end = ?, count = ?, flags = ? "
                  "WHERE id = ?", (*meta, block))
@@ -728,9 +733,16 @@ class SQLiteWriter(StoreWriter):
         while True:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                blocks = conn.execute("SELECT id FROM session_blocks WHERE first_end < ? "
-                                      "ORDER BY first_end LIMIT ?", (before, chunk)).fetchall()
-                blanked = sum(_blank_sessions(conn, block, old) for (block,) in blocks)
+                blocks = conn.execute("SELECT id, last_end, count FROM session_blocks "
+                                      "WHERE first_end < ? ORDER BY first_end LIMIT ?",
+                                      (before, chunk)).fetchall()
+                blanked = 0
+                for block, last_end, sessions in blocks:
+                    if last_end < before:  # all of it: no need to read the blob
+                        _delete_block(conn, block)
+                        blanked += sessions
+                    else:
+                        blanked += _blank_sessions(conn, block, old)
                 conn.execute("DELETE FROM buckets WHERE t < ?", (time.time() - BUCKET_KEEP,))
                 conn.execute("COMMIT")
             except BaseException:

@@ -429,3 +429,20 @@ def test_a_block_from_another_version_is_read_by_field_name(store):
     (stored,) = reader.sessions(SessionFilter())
     assert stored["client_ip"] == "192.0.2.5" and stored["end"] == 500.0
     assert stored["waited"] == 0 and stored["mail_from"] == ["spam@example.net"]
+
+
+def test_retention_drops_whole_old_blocks_and_their_index(store):
+    writer, reader = store
+    now = time.time()
+    for age_days in (50, 45, 40):
+        writer.write([session(f"192.0.2.{i}", end=now - age_days * 86400) for i in range(3)])
+    writer.write([session("192.0.2.9", end=now - 60)])
+    assert writer.prune(now - 30 * 86400, chunk=2) == 9
+    assert [s["client_ip"] for s in reader.sessions(SessionFilter())] == ["192.0.2.9"]
+    assert reader.sessions(SessionFilter(ip="192.0.2.1")) == []
+    conn = sqlite3.connect(store_path(writer.path.parent))
+    assert conn.execute("SELECT count(*) FROM session_blocks").fetchone() == (1,)
+    assert conn.execute("SELECT count(*) FROM session_data").fetchone() == (1,)
+    assert conn.execute("SELECT ip FROM session_ips").fetchall() == [("192.0.2.9",)]
+    conn.close()
+    assert reader.ip("192.0.2.1")["row"][3] == 3  # the aggregate stays
