@@ -19,7 +19,8 @@ Contract:
   callbacks; the only task is the STARTTLS handshake.
 * Cheap per reply: a read that is exactly a reply (or several) seen before is looked
   up, not parsed (servers repeat the same greeting, EHLO and ``250 Ok`` replies; at
-  most :data:`KNOWN_READS` different reads are remembered per process); waits are
+  most :data:`KNOWN_READS` different reads of at most :data:`KNOWN_READ_BYTES` bytes
+  are remembered per process, about a megabyte at most); waits are
   appended to the histograms' buffers (:class:`sink.send_stats.Histogram`).
 """
 
@@ -60,6 +61,8 @@ _DATA = b"DATA\r\n"
 _DOT_ONLY = b".\r\n"
 #: Different reads whose replies a process remembers (see the module contract).
 KNOWN_READS = 1024
+#: The longest read remembered (a Postfix EHLO reply is about 200 bytes).
+KNOWN_READ_BYTES = 1024
 
 
 def recipients(address: str, count: int) -> list[str]:
@@ -273,7 +276,8 @@ class SenderSession(asyncio.Protocol):
             return None
         was_partial, self._partial = self._partial, parser.pending
         known = self._ctx.known
-        if replies and not (was_partial or self._partial) and len(known) < KNOWN_READS:
+        if (replies and not (was_partial or self._partial) and len(data) <= KNOWN_READ_BYTES
+                and len(known) < KNOWN_READS):
             known[data] = replies
         return replies
 

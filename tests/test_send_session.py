@@ -15,7 +15,7 @@ from sink.cli import build_parser
 from sink.send_body import MessageSource
 from sink.send_config import config_from_options
 from sink.send_pace import CountPool
-from sink.send_session import KNOWN_READS, SenderSession, SessionContext
+from sink.send_session import KNOWN_READ_BYTES, KNOWN_READS, SenderSession, SessionContext
 from sink.send_stats import MAIL, Stats
 
 
@@ -85,7 +85,10 @@ def test_remembered_reads_are_replayed_and_bounded() -> None:
     async def scenario() -> None:
         session, ctx, server = await _session(count, count)
         session.data_received(b"220 fake.example ESMTP\r\n")
-        session.data_received(b"250-fake.example\r\n250 PIPELINING\r\n")
+        long_ehlo = b"250-fake.example\r\n" + b"250-X-FILLER\r\n" * 80 + b"250 PIPELINING\r\n"
+        assert len(long_ehlo) > KNOWN_READ_BYTES
+        session.data_received(long_ehlo)
+        assert long_ehlo not in ctx.known  # too long to remember
         for i in range(count):
             session.data_received(b"250 2.1.0 Ok\r\n")
             session.data_received(b"250 2.1.5 Ok\r\n")
