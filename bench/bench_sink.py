@@ -1,8 +1,9 @@
 """CPU per message of the sink against its peers, side by side in one run.
 
 Servers: ``spamsink serve`` (recording on, per-session log off; ``spamsink-norecord``:
-the engine alone, ``--no-record --api off``), Postfix's C
-``smtp-sink``, and aiosmtpd's discard ``Sink`` handler (on asyncio and on uvloop).
+the engine alone, ``--no-record --api off``), Postfix's C ``smtp-sink``,
+``bare-uvloop`` (``bench/bare_sink.py``, the floor for a Python protocol on uvloop),
+and aiosmtpd's discard ``Sink`` handler (on asyncio and on uvloop).
 Load: Postfix's ``smtp-source -s 50 -l 1024``, once with a new connection per message
 and once reusing connections (``-d``). For each we read the server process's CPU time
 (utime + stime of the process and its children, from /proc) before and after, and
@@ -224,7 +225,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
-    parser.add_argument("--servers", default="spamsink,smtp-sink,aiosmtpd,aiosmtpd-uvloop")
+    parser.add_argument("--servers", default="spamsink,spamsink-norecord,smtp-sink,bare-uvloop,"
+                        "aiosmtpd,aiosmtpd-uvloop")
     parser.add_argument("--idle", type=int, default=5000,
                         help="idle connections for the memory measurement (0 = skip)")
     args = parser.parse_args()
