@@ -4,7 +4,8 @@ A sink holds tens of thousands of connections, each with an idle deadline and, w
 paced, a next-byte time. One ``loop.call_later`` per deadline costs a timer handle
 (allocation plus a libuv timer) per connection and per stuttered byte; here each
 deadline is a set insertion into a bucket of ``resolution`` seconds, and one repeating
-tick fires the due buckets. Deadlines fire up to one ``resolution`` late, never early.
+tick, at each bucket's end, fires the due buckets. Deadlines fire up to one
+``resolution`` late (plus the loop's own lateness), never early.
 
 With a ``rate``, at most that many items fire per second (a token bucket refilled at
 every tick): the due items beyond it wait, oldest deadline first. That is how the
@@ -28,9 +29,11 @@ class Deadlines(Generic[T]):
     """Calls ``fire(item)`` for every item whose deadline has passed.
 
     Contract: an item has at most one deadline (scheduling again moves it); items are
-    hashable; ``fire`` may schedule or cancel any item, also the one being fired, and
-    what it schedules fires on a later tick. The tick timer runs only while something
-    is scheduled. All calls happen on the loop's thread.
+    hashable; ``fire`` may schedule or cancel any item, also the one being fired, or
+    close the whole thing; what it schedules fires on a later tick. An exception from
+    ``fire`` goes to the loop's exception handler and the other items still fire. The
+    tick timer runs only while something is scheduled. All calls happen on the loop's
+    thread.
     """
 
     __slots__ = ("_allowance", "_buckets", "_burst", "_due", "_fire", "_floor", "_handle",
@@ -65,8 +68,11 @@ class Deadlines(Generic[T]):
         if self._handle is None:
             now = self._loop.time()
             self._next = self._floor = math.ceil(now / self.resolution)
+            if self._rate is not None:  # the budget refilled while nothing was scheduled
+                self._allowance = min(self._burst,
+                                      self._allowance + (now - self._last_tick) * self._rate)
             self._last_tick = now
-            self._handle = self._loop.call_later(self.resolution, self._tick)
+            self._handle = self._loop.call_at(self._next * self.resolution, self._tick)
         key = max(math.ceil(when / self.resolution), self._floor)
         self._due[item] = key
         bucket = self._buckets.get(key)
@@ -85,6 +91,7 @@ class Deadlines(Generic[T]):
                 del self._buckets[key]
 
     def _tick(self) -> None:
+        current = self._handle
         now = self._loop.time()
         now_key = math.floor(now / self.resolution)
         self._floor = now_key + 1  # whatever fire() schedules waits for a later tick
@@ -100,19 +107,26 @@ class Deadlines(Generic[T]):
             while bucket:
                 if limited:
                     if self._allowance < 1.0:
-                        self._reschedule()
+                        self._reschedule(now_key)
                         return
                     self._allowance -= 1.0
                 item = bucket.pop()
                 del due[item]
-                fire(item)
+                try:
+                    fire(item)
+                except Exception as exc:  # one failing item must not stop the others
+                    self._loop.call_exception_handler({
+                        "message": f"deadline callback failed for {item!r}",
+                        "exception": exc})
+                if self._handle is not current:  # fire() closed (and maybe restarted) us
+                    return
             buckets.pop(key, None)
             self._next = key + 1
-        self._reschedule()
+        self._reschedule(now_key)
 
-    def _reschedule(self) -> None:
-        if self._due:
-            self._handle = self._loop.call_later(self.resolution, self._tick)
+    def _reschedule(self, now_key: int) -> None:
+        if self._due:  # the next tick at the end of the next bucket
+            self._handle = self._loop.call_at((now_key + 1) * self.resolution, self._tick)
         else:
             self._buckets.clear()
             self._handle = None

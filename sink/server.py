@@ -30,7 +30,7 @@ from sink.persona import Persona
 from sink.record import DiscardRecords, RecordSink, SessionRecord
 from sink.recording import Recording, WorkerFleet, start_api
 from sink.sessionlog import SessionLogger
-from sink.smtp import ConnectionTracker, Limits, ServerContext, SMTPSession
+from sink.smtp import ConnectionTracker, Limits, PacingTimers, ServerContext, SMTPSession
 from sink.sockopts import SocketCosts, SocketOptionError, apply_listener, check_connection_costs
 from sink.tarpit import Pacing, Policy, Tarpit
 from sink.tls import ensure_self_signed, load_context
@@ -217,12 +217,14 @@ class SinkProcess:
             def on_close(record: SessionRecord, first=on_close) -> None:
                 tarpit.observe(record)
                 first(record)
+        timers = PacingTimers.for_tarpit(loop, tarpit)  # one write budget per process
         for sock, implicit in sockets:
             ctx = ServerContext(
                 persona=settings.persona, hostname=settings.hostname, limits=settings.limits,
                 records=self.records, tarpit=tarpit, domains=settings.domains,
                 tls=tls if settings.starttls or implicit else None, implicit_tls=implicit,
                 tracker=tracker, on_close=on_close, listening=sock.getsockname()[:2],
+                pacing_timers=timers,
             )
             self.contexts.append(ctx)
             server = await loop.create_server(

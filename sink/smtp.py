@@ -141,7 +141,7 @@ class ServerContext:
         tls: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         listening: tuple[str, int] | None = None,
-        releases: Deadlines[SMTPSession] | None = None,
+        pacing_timers: PacingTimers | None = None,
         tracker: ConnectionTracker | None = None,
         on_close: Callable[[SessionRecord], None] | None = None,
     ) -> None:
@@ -170,12 +170,13 @@ class ServerContext:
         #: Idle and session-time deadlines of every session, on one coarse timer.
         self.timeouts: Deadlines[SMTPSession] = Deadlines(
             self.loop, _TIMEOUT_RESOLUTION, SMTPSession._check_timeouts)
-        #: When held replies (and each stuttered byte) are due; shared by the listeners
-        #: of a process, so the tarpit's write budget is per process.
-        self.releases = releases or pacing_releases(self.loop, tarpit)
-        queued = persona.replies["queued"].replace("{hostname}", hostname).split("{queue_id}")
+        # Pass the process's one pair to every listener: the write budget is per process.
+        timers = pacing_timers or PacingTimers.for_tarpit(self.loop, tarpit)
+        self.releases = timers.releases
+        self.stutter = timers.stutter
         #: The end-of-data reply around its queue id, rendered once: (before, after).
-        self.queued_parts = (queued[0].encode(), (queued[1] + "\r\n").encode())
+        head, tail = self._line(persona.replies["queued"], queue_id="\0").split(b"\0", 1)
+        self.queued_parts = (head, tail)
         self.rendered = {
             key: self._line(template)
             for key, template in persona.replies.items()
@@ -230,13 +231,28 @@ class ServerContext:
         return domain_accepted(address, self.domains)
 
 
-def pacing_releases(loop: asyncio.AbstractEventLoop, tarpit: Tarpit) -> Deadlines[SMTPSession]:
-    """The timer of held replies for one process, limited to the tarpit's write budget."""
-    stutter = tarpit.pacing.stutter_bps
-    resolution = (max(0.005, min(_PACING_RESOLUTION, 0.5 / stutter)) if stutter
-                  else _PACING_RESOLUTION)
-    return Deadlines(loop, resolution, SMTPSession._release,
-                     rate=tarpit.policy.write_budget or None)
+@dataclass(frozen=True, slots=True)
+class PacingTimers:
+    """When paced output is due, for every session of a process.
+
+    ``releases``: held replies, sent whole or as their first stuttered byte when their
+    delay is over (the greeting after the teaser, delayed replies): never budgeted, so
+    an honest client is not queued behind stuttering ones. ``stutter``: each further
+    stuttered byte, at most the tarpit's ``write_budget`` per second.
+    """
+
+    releases: Deadlines[SMTPSession]
+    stutter: Deadlines[SMTPSession]
+
+    @classmethod
+    def for_tarpit(cls, loop: asyncio.AbstractEventLoop, tarpit: Tarpit) -> PacingTimers:
+        """The pair for a process whose pacing and budget ``tarpit`` holds."""
+        bps = tarpit.pacing.stutter_bps
+        resolution = (max(0.005, min(_PACING_RESOLUTION, 0.5 / bps)) if bps
+                      else _PACING_RESOLUTION)
+        return cls(Deadlines(loop, resolution, SMTPSession._release),
+                   Deadlines(loop, resolution, SMTPSession._release,
+                             rate=tarpit.policy.write_budget or None))
 
 
 def _unmapped(ip: str) -> str:
@@ -423,6 +439,7 @@ class SMTPSession(asyncio.Protocol):
         ctx.tracker.release(record.client_ip)
         ctx.timeouts.cancel(self)
         ctx.releases.cancel(self)
+        ctx.stutter.cancel(self)
         if exc is not None and record.end_reason == EndReason.CLIENT_CLOSE:
             record.end_reason = EndReason.ERROR
         if self._held is not None and self._held[2]:  # gave up waiting for our reply
@@ -555,7 +572,8 @@ class SMTPSession(asyncio.Protocol):
             ctx = self._ctx
             now = ctx.loop.time()
             behind = now - due
-            if behind > interval + ctx.releases.resolution:
+            # Ticks fire up to one resolution late (plus the loop's own lateness).
+            if behind > interval + 2 * ctx.stutter.resolution:
                 count, due = 1, now
             else:
                 count = 1 + int(behind / interval) if behind > 0 else 1
@@ -563,7 +581,7 @@ class SMTPSession(asyncio.Protocol):
                 transport.write(data[:count])
                 due += count * interval
                 self._held = (data[count:], interval, since, due)
-                ctx.releases.schedule(self, due)
+                ctx.stutter.schedule(self, due)
                 return
         transport.write(data)
         self._held = None

@@ -154,3 +154,63 @@ def test_rate_must_be_positive() -> None:
             Deadlines(asyncio.get_running_loop(), 0.01, print, rate=0)
 
     run(scenario)
+
+
+def test_a_failing_callback_is_reported_and_the_others_still_fire() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reported: list[dict] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        fired: list[str] = []
+
+        def fire(item: Item) -> None:
+            if item.name == "bad":
+                raise RuntimeError("boom")
+            fired.append(item.name)
+
+        deadlines: Deadlines[Item] = Deadlines(loop, RESOLUTION, fire)
+        now = loop.time()
+        deadlines.schedule(Item("bad"), now)
+        deadlines.schedule(Item("same bucket"), now)
+        await asyncio.sleep(0.1)
+        deadlines.schedule(Item("later"), loop.time() + 0.02)  # the tick still runs
+        await asyncio.sleep(0.1)
+        assert fired == ["same bucket", "later"]
+        assert len(reported) == 1 and isinstance(reported[0]["exception"], RuntimeError)
+
+    run(scenario)
+
+
+def test_closing_from_a_callback_stops_firing() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        fired: list[Item] = []
+        deadlines: Deadlines[Item]
+
+        def fire(item: Item) -> None:
+            fired.append(item)
+            deadlines.close()
+
+        deadlines = Deadlines(loop, RESOLUTION, fire)
+        for name in "abc":
+            deadlines.schedule(Item(name), loop.time())
+        await asyncio.sleep(0.1)
+        assert len(fired) == 1 and len(deadlines) == 0
+
+    run(scenario)
+
+
+def test_the_budget_refills_while_nothing_is_scheduled() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        fired: list[float] = []
+        deadlines: Deadlines[Item] = Deadlines(loop, RESOLUTION, lambda _: fired.append(
+            loop.time()), rate=10.0)  # a burst of one: one fire per 0.1 s
+        deadlines.schedule(Item("first"), loop.time())
+        await asyncio.sleep(0.3)  # idle: the tick stops, the bucket refills
+        asked = loop.time()
+        deadlines.schedule(Item("second"), asked)
+        await asyncio.sleep(0.1)
+        assert len(fired) == 2 and fired[1] - asked < 2 * RESOLUTION + 0.03
+
+    run(scenario)

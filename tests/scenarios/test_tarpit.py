@@ -18,7 +18,7 @@ import pytest
 
 from sink.record import Flag
 from sink.store import SessionFilter, open_reader
-from tests.support import SinkProcess, need_root, spamsink_command
+from tests.support import SinkProcess, free_port, need_root, spamsink_command
 
 BANNER = b"220 mx.example.com ESMTP Postfix (Debian/GNU)\r\n"
 MESSAGE = b"Subject: test\r\n\r\n" + b"spam " * 4000 + b"\r\n"  # 20 KB
@@ -122,12 +122,14 @@ def test_budget_holds_when_twice_the_cap_connect(tmp_path: Path) -> None:
 
 
 def test_write_budget_bounds_stuttered_bytes_per_second(tmp_path: Path) -> None:
-    """Ten clients that would get 20 bytes/s each share a budget of 40 writes/s."""
+    """Ten clients on two listeners that would get 20 bytes/s each share 40 writes/s."""
+    other = free_port()
     args = ["--tarpit", "spamd", "--tarpit-who", "all", "--stutter", "20", "--jitter", "0",
-            "--pregreet-wait", "0", "--write-budget", "40"]
+            "--pregreet-wait", "0", "--write-budget", "40", "--smtp", f"127.0.0.1:{other}"]
     with SinkProcess(tmp_path / "data", args) as sink:
         time.sleep(0.3)  # the start-up probe's session has closed
-        clients = [socket.create_connection((sink.host, sink.port), timeout=5) for _ in range(10)]
+        clients = [socket.create_connection((sink.host, port), timeout=5)
+                   for port in (sink.port, other) for _ in range(5)]
         window = 2.0
         time.sleep(window)
         received = []
@@ -142,6 +144,30 @@ def test_write_budget_bounds_stuttered_bytes_per_second(tmp_path: Path) -> None:
     # Unbudgeted this would be ~400 bytes; the budget allows 40/s plus a 4-write burst.
     assert 40 <= total <= 40 * (window + 0.5) + 4, received
     assert min(received) >= 2, f"a client was starved: {received}"  # everyone waits its turn
+
+
+def test_an_honest_greeting_is_not_queued_behind_stuttering_bots(tmp_path: Path) -> None:
+    """Bots flagged for talking early stutter within a tiny budget; the banner of a
+    client that waits still comes when the teaser's wait is over."""
+    args = ["--tarpit", "spamd", "--stutter", "20", "--jitter", "0", "--pregreet-wait", "0.3",
+            "--write-budget", "5"]
+    with SinkProcess(tmp_path / "data", args) as sink:
+        time.sleep(0.5)  # the start-up probe's session has closed
+        bots = [socket.create_connection((sink.host, sink.port), timeout=5) for _ in range(10)]
+        for bot in bots:
+            bot.sendall(b"EHLO bot.example\r\n")  # before the banner: flagged, tarpitted
+        time.sleep(1.0)  # their EHLO replies now stutter, far over the budget
+        with socket.create_connection((sink.host, sink.port), timeout=5) as honest:
+            started = time.monotonic()
+            received = b""
+            while BANNER not in received:
+                chunk = honest.recv(200)
+                assert chunk, received
+                received += chunk
+            waited = time.monotonic() - started
+        for bot in bots:
+            bot.close()
+    assert 0.25 < waited < 0.8, waited  # the teaser's wait, not the bots' backlog
 
 
 def test_segments_recorded_with_tcp_info_and_skipped_by_a_plain_sink(tmp_path: Path) -> None:
