@@ -123,10 +123,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="paced sessions at once per process; beyond it, normal pacing")
     pacing.add_argument("--write-budget", type=argtypes.count, default=5_000,
                         metavar="WRITES_PER_S",
-                        help="paced writes (stuttered bytes and held replies) per second at "
-                        "most, for the whole sink (each of --workers gets its share; 0 = no "
-                        "limit); beyond it every paced session waits its turn, so thousands of "
-                        "stuttering clients cost no more CPU than this many bytes a second")
+                        help="stuttered bytes per second at most, for the whole sink (each of "
+                        "--workers gets its share; 0 = no limit); beyond it every stuttering "
+                        "session waits its turn, so thousands of them cost no more CPU than "
+                        "this many bytes a second (delayed replies are released outside it)")
     pacing.add_argument("--tcp-info", action="store_true",
                         help="record every session's TCP segments and retransmissions (the "
                         "kernel's TCP_INFO at close) even when no tarpit feature is on; "

@@ -123,9 +123,10 @@ class Policy:
     ``known_bad_sessions``: sessions from one address (since it was last forgotten)
     after which it is paced from connect; an address with a flagged session is paced
     on its next visit. ``remember``: addresses kept in memory (oldest forgotten first).
-    ``write_budget``: paced writes (held replies and stuttered bytes) per second per
-    process at most, 0 = no limit; beyond it every paced session waits its turn, so
-    stuttering to 50,000 clients costs what stuttering to ``write_budget`` does.
+    ``write_budget``: stuttered bytes per second per process at most (after each
+    held reply's first byte), 0 = no limit; beyond it every stuttering session waits
+    its turn, so stuttering to 50,000 clients costs what stuttering to
+    ``write_budget`` does.
     ``tcp_info``: read the kernel's segment counts of every session even when no
     tarpit feature is on (see :attr:`Tarpit.measures`).
     """
