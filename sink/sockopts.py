@@ -151,7 +151,7 @@ def apply_connection(transport: Any, costs: SocketCosts) -> None:
 
 
 class TcpInfo(NamedTuple):
-    """The parts of Linux ``struct tcp_info`` the sink records."""
+    """The parts of Linux ``struct tcp_info`` the sink records and its tests read."""
 
     state: int
     snd_mss: int
@@ -161,6 +161,8 @@ class TcpInfo(NamedTuple):
     segs_out: int
     segs_in: int
     data_segs_in: int
+    data_segs_out: int
+    bytes_sent: int  # 0 before Linux 4.19
     rcv_ooopack: int  # out-of-order packets received: the sender's lost segments
 
 
@@ -171,10 +173,11 @@ def parse_tcp_info(raw: bytes) -> TcpInfo:
     (total_retrans,) = struct.unpack_from("I", raw, 100)
     (bytes_received,) = struct.unpack_from("Q", raw, 128)
     segs_out, segs_in = struct.unpack_from("II", raw, 136)
-    (data_segs_in,) = struct.unpack_from("I", raw, 152)
+    data_segs_in, data_segs_out = struct.unpack_from("II", raw, 152)
+    (bytes_sent,) = struct.unpack_from("Q", raw, 200) if len(raw) >= 208 else (0,)
     (ooopack,) = struct.unpack_from("I", raw, 224) if len(raw) >= 228 else (0,)
     return TcpInfo(state, snd_mss, rcv_mss, total_retrans, bytes_received, segs_out, segs_in,
-                   data_segs_in, ooopack)
+                   data_segs_in, data_segs_out, bytes_sent, ooopack)
 
 
 def tcp_info(sock: Any) -> TcpInfo | None:
@@ -188,27 +191,7 @@ def tcp_info(sock: Any) -> TcpInfo | None:
     return parse_tcp_info(raw)
 
 
-_SEGMENTS_LEN = 144  # through tcpi_segs_in
-_RETRANS = struct.Struct("I")  # tcpi_total_retrans at 100
-_SEGS_IN = struct.Struct("I")  # tcpi_segs_in at 140
-
-
-def segments_of(transport: Any) -> tuple[int, int] | None:
-    """(segments received, segments retransmitted) of a transport's socket, or ``None``.
-
-    The two ``TCP_INFO`` fields the engine records for every session at close
-    (uvloop keeps the socket open in ``connection_lost``), read without building a
-    :class:`TcpInfo`.
-    """
-    if transport is None:
-        return None
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _SEGMENTS_LEN)
-    except (OSError, ValueError):
-        return None
-    if len(raw) < _SEGMENTS_LEN:
-        return None
-    return _SEGS_IN.unpack_from(raw, 140)[0], _RETRANS.unpack_from(raw, 100)[0]
+def tcp_info_of(transport: Any) -> TcpInfo | None:
+    """``TCP_INFO`` of a transport's socket (uvloop keeps it open in ``connection_lost``)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return tcp_info(sock) if sock is not None else None

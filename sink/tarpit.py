@@ -313,9 +313,9 @@ class Tarpit:
         if record.flags & _F_TARPITTED:
             self.tarpitted -= 1
         if self.measures:
-            counts = sockopts.segments_of(transport)
-            if counts is not None:
-                record.segments_in, record.retransmits = counts
+            info = sockopts.tcp_info_of(transport)
+            if info is not None:
+                record.segments_in, record.retransmits = info.segs_in, info.total_retrans
 
     # -- reputation and counters (on_close) -----------------------------------------
 

@@ -16,8 +16,6 @@ import itertools
 import os
 import signal
 import smtplib
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -27,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sink.sockopts import tcp_info
 from tests.support import spamsink_command, wait_for_port
 
 T = TypeVar("T")
@@ -62,16 +61,6 @@ class SendResult:
     bytes_sent: int
 
 
-def tcp_info(sock: socket.socket) -> tuple[int, int, int, int]:
-    """(total_retrans, segs_out, data_segs_out, bytes_sent) from the kernel's TCP_INFO."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-    total_retrans = struct.unpack_from("I", raw, 100)[0]
-    segs_out = struct.unpack_from("I", raw, 136)[0]
-    data_segs_out = struct.unpack_from("I", raw, 156)[0]
-    bytes_sent = struct.unpack_from("Q", raw, 200)[0] if len(raw) >= 208 else 0
-    return total_retrans, segs_out, data_segs_out, bytes_sent
-
-
 def message(size: int) -> bytes:
     """A plain message of about ``size`` bytes."""
     head = b"From: a@sender.example\r\nTo: b@sink.example\r\nSubject: rig\r\n\r\n"
@@ -96,9 +85,11 @@ def send_mail(host: str, count: int, size: int, source: str | None = None,
         seconds = time.monotonic() - start
         assert smtp.sock is not None
         info = tcp_info(smtp.sock)
+        assert info is not None
     finally:
         smtp.close()
-    return SendResult(count, seconds, *info)
+    return SendResult(count, seconds, info.total_retrans, info.segs_out, info.data_segs_out,
+                      info.bytes_sent)
 
 
 class Rig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import smtplib
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sink.record import Flag
+from sink.sockopts import tcp_info
 from sink.store import SessionFilter, open_reader
 from tests.support import SinkProcess, free_port, need_root, spamsink_command
 
@@ -31,21 +31,15 @@ def stored_sessions(sink: SinkProcess) -> dict[int, dict[str, object]]:
     return {row["client_port"]: row for row in rows}
 
 
-def client_tcp_info(sock: socket.socket) -> tuple[int, int, int]:
-    """(snd_mss, total_retrans, data_segs_out) of a client socket, from TCP_INFO."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-    return (struct.unpack_from("I", raw, 16)[0], struct.unpack_from("I", raw, 100)[0],
-            struct.unpack_from("I", raw, 156)[0])
-
-
 def send_message(host: str, port: int) -> tuple[float, int, int, int]:
     """One 20 KB message as a well-behaved client: (seconds, snd_mss, retrans, data segs)."""
     started = time.monotonic()
     with smtplib.SMTP(host, port, timeout=60) as smtp:
         smtp.ehlo("client.example")
         smtp.sendmail("a@b.example", ["u@example.org"], MESSAGE)
-        info = client_tcp_info(smtp.sock)
-    return (time.monotonic() - started, *info)
+        info = tcp_info(smtp.sock)
+    assert info is not None
+    return time.monotonic() - started, info.snd_mss, info.total_retrans, info.data_segs_out
 
 
 def test_stuttered_greeting_arrives_at_the_configured_rate(tmp_path: Path) -> None:
