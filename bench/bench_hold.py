@@ -32,23 +32,25 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
 import smtplib
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from procstat import cpu_seconds, descendants, machine, rss_bytes
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from sink.sockopts import tcp_info  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
 SPAMSINK = [sys.executable, "-m", "sink.cli"]
-PAGE = os.sysconf("SC_PAGE_SIZE")
-TICK = os.sysconf("SC_CLK_TCK")
 MESSAGE = b"Subject: bench\r\n\r\n" + b"spam " * 4000 + b"\r\n"  # 20 KB
 
 
@@ -65,35 +67,6 @@ def raise_nofile() -> int:
     return hard
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def tree(pid: int) -> list[int]:
-    out = [pid]
-    for child in children(pid):
-        out.extend(tree(child))
-    return out
-
-
-def rss_bytes(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    return total
-
-
 def write_calls(pids: list[int]) -> int:
     """Write system calls the processes made so far (``syscw`` in /proc/PID/io)."""
     total = 0
@@ -104,17 +77,6 @@ def write_calls(pids: list[int]) -> int:
                     total += int(line.split()[1])
         except OSError:
             continue
-    return total
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICK
     return total
 
 
@@ -176,7 +138,7 @@ def hold(count: int, nofile: int, window: float, extra: list[str]) -> dict[str, 
     sink = start_sink(port, data, args)
     try:
         time.sleep(2.0)
-        pids = tree(sink.pid)
+        pids = descendants(sink.pid)
         idle_rss = rss_bytes(pids)
         idle_slab = kernel_slab_bytes()
         idle_fds = open_fds(pids)
@@ -189,16 +151,16 @@ def hold(count: int, nofile: int, window: float, extra: list[str]) -> dict[str, 
         started = time.monotonic()
         while time.monotonic() - started < ramp + 20:
             time.sleep(1.0)
-            if open_fds(tree(sink.pid)) - idle_fds >= count:
+            if open_fds(descendants(sink.pid)) - idle_fds >= count:
                 break
         ramp_seconds = time.monotonic() - started
         time.sleep(5.0)
-        held_fds = open_fds(tree(sink.pid)) - idle_fds
-        pids = tree(sink.pid)
+        held_fds = open_fds(descendants(sink.pid)) - idle_fds
+        pids = descendants(sink.pid)
         cpu_before, writes_before = cpu_seconds(pids), write_calls(pids)
         wall_before = time.monotonic()
         time.sleep(window)
-        pids = tree(sink.pid)
+        pids = descendants(sink.pid)
         elapsed = time.monotonic() - wall_before
         cpu = (cpu_seconds(pids) - cpu_before) / elapsed
         writes = (write_calls(pids) - writes_before) / elapsed
@@ -255,10 +217,9 @@ def one_message(port: int) -> tuple[float, int, int]:
     with smtplib.SMTP("127.0.0.1", port, timeout=700) as smtp:
         smtp.ehlo("client.example")
         smtp.sendmail("a@b.example", ["u@example.org"], MESSAGE)
-        raw = smtp.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-    segs_out = struct.unpack_from("I", raw, 136)[0]
-    retrans = struct.unpack_from("I", raw, 100)[0]
-    return time.monotonic() - started, segs_out, retrans
+        info = tcp_info(smtp.sock)
+    assert info is not None
+    return time.monotonic() - started, info.segs_out, info.total_retrans
 
 
 def cost(name: str, args: list[str], messages: int) -> dict[str, object]:
@@ -362,13 +323,6 @@ def floor(count: int, mode: str, seconds: float = 10.0) -> dict[str, object]:
                 "us_per_write": round(1e6 * cpu / (count * wall), 1)}
 
     return uvloop.run(run())
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               "?")
-    return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}"
 
 
 def main() -> None:

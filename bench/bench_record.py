@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import sqlite3
@@ -36,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procstat import CLK_TCK, cpu_seconds, machine
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -43,14 +44,7 @@ from sink.record import Recorder, SessionRecord  # noqa: E402
 from sink.store import open_writer, store_path  # noqa: E402
 from tests.support import free_port, spamsink_command, wait_for_port  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SMTP_SOURCE = "/usr/sbin/smtp-source"
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -94,7 +88,7 @@ def sink_run(record: bool, messages: int, per_connection: int,
         wait_for_port("127.0.0.1", port)
         time.sleep(0.3)
         sessions = messages // per_connection
-        before = cpu_seconds(proc.pid)
+        before = cpu_seconds([proc.pid])
         threads_before = thread_cpu_seconds(proc.pid)
         started = time.perf_counter()
         load = [SMTP_SOURCE, "-s", "50", "-l", "1024", "-m", str(messages)]
@@ -111,7 +105,7 @@ def sink_run(record: bool, messages: int, per_connection: int,
             time.sleep(0.6)  # the writer's last tick
         else:
             time.sleep(1.2)
-        cpu = cpu_seconds(proc.pid) - before
+        cpu = cpu_seconds([proc.pid]) - before
         threads = thread_cpu_seconds(proc.pid)
         main_cpu = threads[proc.pid] - threads_before.get(proc.pid, 0.0)
         stored = recorded_sessions(data)
@@ -203,14 +197,6 @@ def recorder_throughput(count: int, addresses: int | None) -> tuple[float, float
     return count / wall, writer_cpu / count * 1e6
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return (f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
-            f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="on/off rounds per load")
@@ -226,7 +212,7 @@ def main() -> int:
     if not os.access(SMTP_SOURCE, os.X_OK):
         print(f"needs Postfix's {SMTP_SOURCE} (apt-get install postfix)", file=sys.stderr)
         return 2
-    print(f"Machine: {machine()}\n")
+    print(f"Machine: {machine(f'SQLite {sqlite3.sqlite_version}')}\n")
     shapes = [int(n) for n in args.shapes.split(",") if n]
     if shapes:
         print(f"### Sink CPU per message, recording off vs on ({args.rounds} rounds each, "

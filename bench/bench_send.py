@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,26 +43,13 @@ import threading
 import time
 from pathlib import Path
 
+from procstat import cpu_seconds, descendants, machine, rss_bytes
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.support import free_port, wait_for_port  # noqa: E402
+
 SPAMSINK = str(Path(sys.executable).parent / "spamsink")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"nothing listens on port {port}") from None
-            time.sleep(0.05)
 
 
 def bytecode_env() -> dict[str, str]:
@@ -94,23 +79,6 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float,
     return wall, cpu, proc.stdout
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    load = os.getloadavg()[0]
-    return (f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
-            f"Python {platform.python_version()}, load average {load:.1f} at start")
-
-
 def compare(args: argparse.Namespace) -> list[str]:
     source, sink = shutil.which("smtp-source") or "/usr/sbin/smtp-source", \
         shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -122,7 +90,7 @@ def compare(args: argparse.Namespace) -> list[str]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = bytecode_env()
     try:
-        wait_port(port)
+        wait_for_port("127.0.0.1", port, timeout=20.0)
         n, s, size = args.messages, args.sessions, args.bytes
         per_conn = -(-n // s)
         target = f"127.0.0.1:{port}"
@@ -160,9 +128,9 @@ def compare(args: argparse.Namespace) -> list[str]:
             own: list[float] = []
             for _ in range(args.repeat):
                 for name, command in (("source", source_cmd), ("send", send_cmd)):
-                    server_before = process_cpu(server.pid)
+                    server_before = cpu_seconds([server.pid])
                     wall, cpu, stdout = timed(command, env if name == "send" else None)
-                    busy[name].append((process_cpu(server.pid) - server_before) / wall)
+                    busy[name].append((cpu_seconds([server.pid]) - server_before) / wall)
                     walls[name].append(wall)
                     cpus[name].append(cpu)
                     if name == "send":
@@ -198,29 +166,6 @@ def compare(args: argparse.Namespace) -> list[str]:
         shutil.rmtree(env["PYTHONPYCACHEPREFIX"], ignore_errors=True)
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants, in KiB."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
 def hold(args: argparse.Namespace) -> list[str]:
     wanted = args.hold + 10_000
     limit_note = ""
@@ -248,7 +193,7 @@ def hold(args: argparse.Namespace) -> list[str]:
     peaks = {"server": 0, "client": 0}
     stop = threading.Event()
     try:
-        wait_port(port)
+        wait_for_port("127.0.0.1", port, timeout=20.0)
         command = [SPAMSINK, "send", "--json", "-q", "--hold", str(args.hold),
                    "-t", str(args.hold_seconds), "--hold-pause", str(args.hold_pause),
                    "--source", "127.0.0.2-127.0.0.254", "--procs", str(procs),
@@ -258,8 +203,8 @@ def hold(args: argparse.Namespace) -> list[str]:
 
         def sample() -> None:
             while not stop.wait(1.0):
-                peaks["server"] = max(peaks["server"], _tree_rss_kb(serve.pid))
-                peaks["client"] = max(peaks["client"], _tree_rss_kb(client.pid))
+                peaks["server"] = max(peaks["server"], rss_bytes(descendants(serve.pid)) // 1024)
+                peaks["client"] = max(peaks["client"], rss_bytes(descendants(client.pid)) // 1024)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()

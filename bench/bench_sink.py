@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -36,8 +35,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from procstat import cpu_seconds, descendants, machine, rss_bytes
+
 REPO = Path(__file__).resolve().parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(REPO))
+from tests.support import free_port, wait_for_port  # noqa: E402
+
 AIOSMTPD_UVLOOP = (
     "import asyncio, sys, uvloop\n"
     "from aiosmtpd.controller import Controller\n"
@@ -52,49 +55,6 @@ AIOSMTPD_UVLOOP = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.recv(100)
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its live children (the workers of a supervisor)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [pid, *(int(p) for p in children.read_text().split())] if children.exists() else [pid]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of ``pid`` and its live children, in seconds."""
-    total = 0
-    for each in process_tree(pid):
-        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
-
-
-def rss_kb(pid: int) -> int:
-    """Resident memory of ``pid`` and its live children, in KiB."""
-    total = 0
-    for each in process_tree(pid):
-        for line in Path(f"/proc/{each}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total
-
-
 def idle_cost(name: str, connections: int, workdir: Path) -> float:
     """Bytes of server RSS per idle connection (greeted, then silent)."""
     port = free_port()
@@ -102,7 +62,7 @@ def idle_cost(name: str, connections: int, workdir: Path) -> float:
     sockets: list[socket.socket] = []
     try:
         time.sleep(0.5)
-        before = rss_kb(server.pid)
+        before = rss_bytes(descendants(server.pid))
         for index in range(connections):
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=10,
@@ -114,7 +74,7 @@ def idle_cost(name: str, connections: int, workdir: Path) -> float:
         for sock in sockets:
             sock.recv(200)  # the greeting: the server has set the session up
         time.sleep(1.0)
-        return (rss_kb(server.pid) - before) * 1024 / connections
+        return (rss_bytes(descendants(server.pid)) - before) / connections
     finally:
         for sock in sockets:
             sock.close()
@@ -184,7 +144,7 @@ def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
         raise ValueError(name)
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    wait_port(port)
+    wait_for_port("127.0.0.1", port, timeout=15.0)
     return proc
 
 
@@ -193,7 +153,7 @@ def run_load(name: str, shape: str, messages: int, workdir: Path) -> Result:
     server = start_server(name, port, workdir)
     try:
         time.sleep(0.3)
-        before = cpu_seconds(server.pid)
+        before = cpu_seconds(descendants(server.pid))
         latencies: list[float] = []
         stop = threading.Event()
         probe = threading.Thread(target=probe_latency, args=(port, stop, latencies))
@@ -209,7 +169,7 @@ def run_load(name: str, shape: str, messages: int, workdir: Path) -> Result:
         stop.set()
         probe.join()
         time.sleep(0.3)
-        cpu = cpu_seconds(server.pid) - before
+        cpu = cpu_seconds(descendants(server.pid)) - before
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -237,6 +197,7 @@ def main() -> int:
         if not os.access(tool, os.X_OK):
             print(f"needs {tool} (apt-get install postfix)", file=sys.stderr)
             return 2
+    host = machine()
     servers = args.servers.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="bench-sink-"))
     results: dict[tuple[str, str], list[Result]] = {}
@@ -255,8 +216,7 @@ def main() -> int:
     def median(name: str, shape: str, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in results[(name, shape)])
 
-    print(f"\nMachine: {platform.node()} {os.cpu_count()} cores, {platform.platform()}, "
-          f"Python {platform.python_version()}; {args.messages} messages of 1 KB, "
+    print(f"\nMachine: {host}; {args.messages} messages of 1 KB, "
           f"smtp-source -s 50 -l 1024, median of {args.rounds} interleaved rounds.\n")
     print("| server | shape | µs server CPU / message | vs smtp-sink | vs aiosmtpd "
           "| messages/s | HELO p50 ms | HELO p99 ms |")
