@@ -95,10 +95,10 @@ class Deadlines(Generic[T]):
         now = self._loop.time()
         now_key = math.floor(now / self.resolution)
         self._floor = now_key + 1  # whatever fire() schedules waits for a later tick
-        limited = self._rate is not None
-        if limited:
-            self._allowance = min(self._burst,
-                                  self._allowance + (now - self._last_tick) * self._rate)
+        rate = self._rate
+        limited = rate is not None
+        if rate is not None:
+            self._allowance = min(self._burst, self._allowance + (now - self._last_tick) * rate)
         self._last_tick = now
         buckets, due, fire = self._buckets, self._due, self._fire
         while self._next <= now_key:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import abc
 import io
 import ipaddress
+import math
 import pickle
 import sqlite3
 import time
@@ -45,6 +46,7 @@ from functools import reduce
 from itertools import compress, count
 from operator import attrgetter, itemgetter, or_
 from pathlib import Path
+from typing import Any
 
 from sink.record import Flag, SessionRecord
 
@@ -166,8 +168,9 @@ def _sessions_into_blocks(conn: sqlite3.Connection) -> None:
             for index in _LIST_FIELDS:
                 row[index] = row[index].split("\n") if row[index] else []
             block.append(tuple(row))
-        _insert_block(conn, _block_meta(block), _encode_rows(block),
-                      {row[_IP] for row in block})
+        meta = _block_meta(block)
+        if meta is not None:  # always: fetchmany returned rows
+            _insert_block(conn, meta, _encode_rows(block), {row[_IP] for row in block})
     conn.execute("DROP TABLE sessions")
 
 
@@ -247,7 +250,8 @@ class IpFilter:
 
     def where(self) -> tuple[str, list[object]]:
         """An SQL condition over ``ips`` and its parameters."""
-        terms, params = ["1"], []
+        terms: list[str] = ["1"]
+        params: list[object] = []
         if self.since is not None:
             terms.append("last_seen >= ?")
             params.append(self.since)
@@ -279,7 +283,8 @@ class SessionFilter:
     def where(self) -> tuple[str, list[object]]:
         """An SQL condition over ``session_blocks`` (``b``): the blocks that may hold a
         matching session (the sender is matched through ``session_ips``)."""
-        terms, params = ["1"], []
+        terms: list[str] = ["1"]
+        params: list[object] = []
         if self.since is not None:
             terms.append("b.last_end >= ?")
             params.append(self.since)
@@ -436,7 +441,7 @@ class _BlockPickler(pickle.Pickler):
     """Pickles session tuples with int and str subclasses (``Flag``, ``EndReason``)
     stored as plain values, so a block never names a class of this program."""
 
-    def reducer_override(self, obj: object) -> object:
+    def reducer_override(self, obj: object) -> Any:
         # Called only for objects that are not exact ints, strs, floats, tuples...
         if obj is int or obj is str:
             return NotImplemented  # pickled by name, the one kind of global allowed
@@ -505,7 +510,8 @@ SESSION_DEFAULTS: dict[str, object] = {
 
 def _block_meta(rows: Iterable[tuple | None]) -> tuple[float, float, int, int] | None:
     """(first end, last end, sessions, union of flags) of a block; ``None`` if empty."""
-    first = last = None
+    first: float | None = None
+    last = -math.inf
     count = flags = 0
     for row in rows:
         if row is None:
@@ -513,8 +519,7 @@ def _block_meta(rows: Iterable[tuple | None]) -> tuple[float, float, int, int] |
         end = row[_END]
         if first is None or end < first:
             first = end
-        if last is None or end > last:
-            last = end
+        last = max(last, end)
         count += 1
         flags |= row[_FLAGS]
     return None if first is None else (first, last, count, flags)
@@ -612,6 +617,7 @@ def _fold(columns: list[tuple]) -> tuple[tuple, list[tuple], set[tuple[str, str]
     first_end, last_end = min(ends), max(ends)
     totals = (sessions, messages, sum(columns[_RCPT]), size, sum(columns[_HELD]),
               sum(columns[_SEGS]), 0.0, sum(map(_TARPITTED.__and__, flags)) // _TARPITTED)
+    buckets: list[tuple[int, ...]]
     if int(first_end) // BUCKET == int(last_end) // BUCKET:
         buckets = [(int(first_end) // BUCKET * BUCKET, sessions, messages, size)]
     else:
