@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sink import __version__, argtypes
+from sink import __version__, argtypes, engine_build
 
 # The engine's modules are imported where serve needs them, not here: `spamsink send`
 # and `spamsink ips` start ~20 ms sooner without them.
@@ -398,8 +398,17 @@ def _run_send(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _add_version(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("version", help="print the version")
-    parser.set_defaults(handler=lambda args, argv: print(f"spamsink {__version__}") or 0)
+    parser = subparsers.add_parser(
+        "version", help="print the version and whether the SMTP engine is compiled",
+        description="Print the version and how the SMTP engine runs: compiled (the C "
+                    "extension built at install; needs gcc and python3-dev then) or "
+                    "interpreted (the same source, about a quarter more CPU per message).")
+    parser.set_defaults(handler=_version)
+
+
+def _version(args: argparse.Namespace, argv: list[str]) -> int:
+    print(f"spamsink {__version__} (engine {engine_build()})")
+    return 0
 
 
 def _apply_environment(parser: argparse.ArgumentParser, command: str) -> None:

@@ -389,9 +389,9 @@ class SMTPSession(asyncio.Protocol):
 
     # -- connection lifecycle -------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         ctx = self._ctx
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = ctx.local_address or transport.get_extra_info("sockname") or ("", 0)
         record = self._record = SessionRecord(
@@ -408,7 +408,7 @@ class SMTPSession(asyncio.Protocol):
             ctx.records.submit(self._finish(record))
             return
         ctx.sessions.add(self)
-        transport.set_write_buffer_limits(high=ctx.limits.buffer_bytes)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=ctx.limits.buffer_bytes)
         if self._tls:
             self._note_tls()
         self._pacer = ctx.tarpit.pacer_for(record.client_ip, transport)
@@ -1011,27 +1011,27 @@ class SMTPSession(asyncio.Protocol):
         if self._rcpts >= ctx.limits.recipients:
             self._error(ctx.reply("too_many_recipients"))
             return
-        text = address.decode("utf-8", "replace")
-        if not ctx.accepts_domain(text):
+        recipient = address.decode("utf-8", "replace")
+        if not ctx.accepts_domain(recipient):
             if record is not None:
                 record.flags |= _F_RELAY_ATTEMPT
-            self._error(ctx.reply("relay_denied", address=text))
+            self._error(ctx.reply("relay_denied", address=recipient))
             return
         greylist = ctx.tarpit.greylist
         if greylist is not None and record is not None:
             sender = record.mail_from[-1] if record.mail_from else ""
-            verdict = greylist.check(record.client_ip, sender, text)
+            verdict = greylist.check(record.client_ip, sender, recipient)
             record.flags |= verdict
             if verdict & _F_GREYLISTED:
-                self._error(ctx.reply("greylisted", address=text, sender=sender,
-                                      domain=text.rpartition("@")[2] or ctx.hostname,
+                self._error(ctx.reply("greylisted", address=recipient, sender=sender,
+                                      domain=recipient.rpartition("@")[2] or ctx.hostname,
                                       client_ip=record.client_ip))
                 return
         self._rcpts += 1
         if record is not None:
             record.recipients += 1
             if len(record.first_recipients) < KEEP_ADDRESSES:
-                record.first_recipients.append(text[:320])
+                record.first_recipients.append(recipient[:320])
         self._reply(ctx.rcpt_ok)
 
     def _data_cmd(self, arg: bytes) -> None:

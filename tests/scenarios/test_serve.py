@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sink import smtp
 from tests.support import SinkProcess, free_port, need_root, need_tool, spamsink_command
 
 
@@ -25,6 +26,9 @@ def _greeting(host: str, port: int) -> bytes:
 def test_version_and_help() -> None:
     out = subprocess.run([*spamsink_command(), "version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("spamsink ")
+    compiled = not (smtp.__file__ or "").endswith(".py")
+    assert out.stdout.rstrip().endswith("(engine compiled)" if compiled
+                                        else "(engine interpreted)")
     helptext = subprocess.run([*spamsink_command(), "serve", "--help"], capture_output=True,
                               text=True).stdout
     for option in ("--smtp", "--smtps", "--data", "--hostname", "--persona", "--domains",
