@@ -1,7 +1,8 @@
 """CPU per message of the sink against its peers, side by side in one run.
 
 Servers: ``spamsink serve`` (recording on, per-session log off; ``spamsink-norecord``:
-the engine alone, ``--no-record --api off``), Postfix's C ``smtp-sink``,
+the engine alone, ``--no-record --api off``; ``spamsink-interpreted``: the same, run
+from a copy of ``sink/`` without the compiled engine), Postfix's C ``smtp-sink``,
 ``bare-uvloop`` (``bench/bare_sink.py``, the floor for a Python protocol on uvloop),
 and aiosmtpd's discard ``Sink`` handler (on asyncio and on uvloop).
 Load: Postfix's ``smtp-source -s 50 -l 1024``, once with a new connection per message
@@ -122,15 +123,28 @@ def probe_latency(port: int, stop: threading.Event, out: list[float]) -> None:
         pass
 
 
+def interpreted_copy(workdir: Path) -> Path:
+    """A directory whose ``sink/`` is this tree's sources without the compiled engine,
+    so ``python -m sink.cli`` run there interprets ``sink/smtp.py``."""
+    root = workdir / "interpreted"
+    if not root.exists():
+        shutil.copytree(REPO / "sink", root / "sink",
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return root
+
+
 def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]:
     python = sys.executable
+    cwd = REPO
     if name.startswith("spamsink"):
         command = [python, "-m", "sink.cli", "serve", "--smtp", f"127.0.0.1:{port}",
                    "--data", str(workdir / "spamsink"), "--api", f"127.0.0.1:{free_port()}",
                    "--hostname", "mx.example.com", "--log-level", "warning",
                    "--max-connections-per-ip", "100000", "--max-connections", "100000"]
-        if name == "spamsink-norecord":  # the engine alone: no store, no API
+        if name in ("spamsink-norecord", "spamsink-interpreted"):  # no store, no API
             command += ["--no-record", "--api", "off"]
+        if name == "spamsink-interpreted":
+            cwd = interpreted_copy(workdir)
     elif name == "smtp-sink":
         command = ["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "1000"]
     elif name == "aiosmtpd":
@@ -142,7 +156,7 @@ def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
         command = [python, str(REPO / "bench" / "bare_sink.py"), str(port)]
     else:
         raise ValueError(name)
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for_port("127.0.0.1", port, timeout=15.0)
     return proc
@@ -185,8 +199,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3, help="median of this many runs")
-    parser.add_argument("--servers", default="spamsink,spamsink-norecord,smtp-sink,bare-uvloop,"
-                        "aiosmtpd,aiosmtpd-uvloop")
+    parser.add_argument("--servers", default="spamsink,spamsink-norecord,spamsink-interpreted,"
+                        "smtp-sink,bare-uvloop,aiosmtpd,aiosmtpd-uvloop")
     parser.add_argument("--idle", type=int, default=5000,
                         help="idle connections for the memory measurement (0 = skip)")
     args = parser.parse_args()
