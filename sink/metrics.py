@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from operator import attrgetter
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,6 +30,9 @@ from sink.record import Flag, SessionRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _TARPITTED = int(Flag.TARPITTED)
+_BATCH_SUMS = tuple(attrgetter(name) for name in (
+    "messages", "recipients", "bytes", "held", "segments_in"))
+_FLAGS = attrgetter("flags")
 
 
 class SinkMetrics:
@@ -70,15 +74,9 @@ class SinkMetrics:
 
     def record_batch(self, records: Sequence[SessionRecord], seconds: float) -> None:
         """Count a written batch and how long the write took."""
-        messages = recipients = size = segments = tarpitted = 0
-        held = 0.0
-        for record in records:
-            messages += record.messages
-            recipients += record.recipients
-            size += record.bytes
-            held += record.held
-            segments += record.segments_in
-            tarpitted += 1 if record.flags & _TARPITTED else 0
+        messages, recipients, size, held, segments = (
+            sum(map(getter, records)) for getter in _BATCH_SUMS)
+        tarpitted = sum(map(_TARPITTED.__and__, map(_FLAGS, records))) // _TARPITTED
         self.held.inc(held)
         self.segments.inc(segments)
         self.tarpitted.inc(tarpitted)
