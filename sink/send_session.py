@@ -31,6 +31,7 @@ import ssl
 import time
 from collections import deque
 from math import inf
+from typing import cast
 
 from sink.send_body import MessageSource
 from sink.send_config import SendConfig
@@ -486,8 +487,11 @@ class SenderSession(asyncio.Protocol):
         self._tls_started = now
         self._expect.append((TLS, now))  # so a timeout or close is counted at TLS
         self._last = now
+        # STARTTLS is sent only on an open connection with --starttls (a TLS context).
+        transport = cast(asyncio.Transport, self._transport)
         task = ctx.loop.create_task(ctx.loop.start_tls(
-            self._transport, self, ctx.tls_context, server_hostname=ctx.server_hostname))
+            transport, self, cast(ssl.SSLContext, ctx.tls_context),
+            server_hostname=ctx.server_hostname))
         task.add_done_callback(self._tls_ready)
 
     def _tls_ready(self, task: asyncio.Task) -> None:
