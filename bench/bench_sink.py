@@ -1,8 +1,9 @@
 """CPU per message of the sink against its peers, side by side in one run.
 
 Servers: ``spamsink serve`` (recording on, per-session log off; ``spamsink-norecord``:
-the engine alone, ``--no-record --api off``; ``spamsink-interpreted``: the same, run
-from a copy of ``sink/`` without the compiled engine), Postfix's C ``smtp-sink``,
+the engine alone, ``--no-record --api off``; ``spamsink-interpreted``: the same with
+``SPAMSINK_INTERPRETED=1``, the engine's source instead of its compiled extension),
+Postfix's C ``smtp-sink``,
 ``bare-uvloop`` (``bench/bare_sink.py``, the floor for a Python protocol on uvloop),
 and aiosmtpd's discard ``Sink`` handler (on asyncio and on uvloop).
 Load: Postfix's ``smtp-source -s 50 -l 1024``, once with a new connection per message
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from procstat import cpu_seconds, descendants, machine, rss_bytes
+
+from sink import STALE, engine_build
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -123,19 +126,9 @@ def probe_latency(port: int, stop: threading.Event, out: list[float]) -> None:
         pass
 
 
-def interpreted_copy(workdir: Path) -> Path:
-    """A directory whose ``sink/`` is this tree's sources without the compiled engine,
-    so ``python -m sink.cli`` run there interprets ``sink/smtp.py``."""
-    root = workdir / "interpreted"
-    if not root.exists():
-        shutil.copytree(REPO / "sink", root / "sink",
-                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    return root
-
-
 def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]:
     python = sys.executable
-    cwd = REPO
+    env = dict(os.environ)
     if name.startswith("spamsink"):
         command = [python, "-m", "sink.cli", "serve", "--smtp", f"127.0.0.1:{port}",
                    "--data", str(workdir / "spamsink"), "--api", f"127.0.0.1:{free_port()}",
@@ -144,7 +137,7 @@ def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
         if name in ("spamsink-norecord", "spamsink-interpreted"):  # no store, no API
             command += ["--no-record", "--api", "off"]
         if name == "spamsink-interpreted":
-            cwd = interpreted_copy(workdir)
+            env["SPAMSINK_INTERPRETED"] = "1"
     elif name == "smtp-sink":
         command = ["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "1000"]
     elif name == "aiosmtpd":
@@ -156,7 +149,7 @@ def start_server(name: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
         command = [python, str(REPO / "bench" / "bare_sink.py"), str(port)]
     else:
         raise ValueError(name)
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for_port("127.0.0.1", port, timeout=15.0)
     return proc
@@ -207,6 +200,9 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = min(hard, max(soft, 2 * args.idle + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    if "spamsink" in args.servers and engine_build() == STALE:
+        print(f"spamsink's engine is {STALE}", file=sys.stderr)
+        return 2
     for tool in ("/usr/sbin/smtp-sink", "/usr/sbin/smtp-source"):
         if not os.access(tool, os.X_OK):
             print(f"needs {tool} (apt-get install postfix)", file=sys.stderr)

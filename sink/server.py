@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sink import STALE, engine_build
 from sink.greylist import Greylist
 from sink.persona import Persona
 from sink.record import DiscardRecords, RecordSink, SessionRecord
@@ -316,8 +317,10 @@ async def _serve_forever(settings: Settings, reuse_port: bool) -> None:
     names = ", ".join(str(a) for a in settings.smtp + settings.smtps)
     index = settings.worker_index
     who = "spamsink" if index is None else f"spamsink worker {index}"
-    log.info("%s listening on %s as %s (%s persona)", who, names, settings.hostname,
-             settings.persona.name)
+    engine = engine_build()
+    log.log(logging.WARNING if engine == STALE else logging.INFO,
+            "%s listening on %s as %s (%s persona, engine %s)", who, names,
+            settings.hostname, settings.persona.name, engine)
     await stop.wait()
     log.info("shutting down: letting sessions finish for up to %.0f s", settings.grace)
     await process.stop()

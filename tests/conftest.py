@@ -7,19 +7,17 @@ from pathlib import Path
 
 import pytest
 
-import sink as package
+from sink import stale_extensions
 from tests.support import SinkProcess
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Refuse to test a compiled module older than its source (an editable install
+    """Refuse to test a compiled engine older than its source (an editable install
     builds ``sink/smtp.py`` into a C extension beside it, which Python then prefers)."""
-    for compiled in Path(package.__file__ or "").parent.glob("*.so"):
-        source = compiled.with_name(compiled.name.split(".")[0] + ".py")
-        if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
-            pytest.exit(f"{source} changed after {compiled.name} was built from it: "
-                        "rebuild with `.venv/bin/pip install -e '.[dev,netdrop]'` (or "
-                        "install with SPAMSINK_PURE=1 to run it interpreted)", returncode=2)
+    for compiled in stale_extensions():
+        pytest.exit(f"{compiled.name} is older than its source: rebuild it with "
+                    "`.venv/bin/pip install -e '.[dev,netdrop]'` (with SPAMSINK_PURE=1 "
+                    "the engine is installed interpreted)", returncode=2)
 
 
 @pytest.fixture
