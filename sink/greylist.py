@@ -18,10 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sink.record import Flag
-
-_GREYLISTED = int(Flag.GREYLISTED)
-_RETRY = int(Flag.GREYLIST_RETRY)
+from sink.record import F_GREYLIST_RETRY, F_GREYLISTED
 
 
 def client_network(ip: str) -> str:
@@ -62,16 +59,16 @@ class Greylist:
             entry = None
         if entry is None:
             self._remember(key, (now, 1, False))
-            return _GREYLISTED
+            return F_GREYLISTED
         first, deferrals, passed = entry
         if passed:
             self._entries[key] = entry
             return 0
         if now - first < self.delay:
             self._entries[key] = (first, deferrals + 1, False)
-            return _GREYLISTED | _RETRY
+            return F_GREYLISTED | F_GREYLIST_RETRY
         self._entries[key] = (first, deferrals, True)
-        return _RETRY
+        return F_GREYLIST_RETRY
 
     def _remember(self, key: tuple[str, str, str], value: tuple[float, int, bool]) -> None:
         self._entries[key] = value

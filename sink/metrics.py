@@ -26,10 +26,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sink.record import Flag, SessionRecord
+from sink.record import F_TARPITTED, SessionRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_TARPITTED = int(Flag.TARPITTED)
 _BATCH_SUMS = tuple(attrgetter(name) for name in (
     "messages", "recipients", "bytes", "held", "segments_in"))
 _FLAGS = attrgetter("flags")
@@ -76,7 +75,7 @@ class SinkMetrics:
         """Count a written batch and how long the write took."""
         messages, recipients, size, held, segments = (
             sum(map(getter, records)) for getter in _BATCH_SUMS)
-        tarpitted = sum(map(_TARPITTED.__and__, map(_FLAGS, records))) // _TARPITTED
+        tarpitted = sum(map(F_TARPITTED.__and__, map(_FLAGS, records))) // F_TARPITTED
         self.held.inc(held)
         self.segments.inc(segments)
         self.tarpitted.inc(tarpitted)

@@ -51,6 +51,22 @@ class Flag(enum.IntFlag):
             raise ValueError(f"unknown flag {name!r}; known: {known}") from None
 
 
+#: Each flag as a plain ``int``, for the hot paths: ``int & Flag.X`` runs enum's
+#: Python-level ``__rand__``, ``int & F_X`` is one C operation.
+F_PREGREET = int(Flag.PREGREET)
+F_PIPELINING_UNASKED = int(Flag.PIPELINING_UNASKED)
+F_BARE_LF = int(Flag.BARE_LF)
+F_BARE_CR = int(Flag.BARE_CR)
+F_NON_SMTP = int(Flag.NON_SMTP)
+F_AUTH_ATTEMPT = int(Flag.AUTH_ATTEMPT)
+F_RELAY_ATTEMPT = int(Flag.RELAY_ATTEMPT)
+F_SMUGGLING = int(Flag.SMUGGLING)
+F_LONG_LINE = int(Flag.LONG_LINE)
+F_GREYLISTED = int(Flag.GREYLISTED)
+F_GREYLIST_RETRY = int(Flag.GREYLIST_RETRY)
+F_TARPITTED = int(Flag.TARPITTED)
+
+
 class EndReason(enum.StrEnum):
     """How a session ended."""
 

@@ -27,7 +27,23 @@ from dataclasses import dataclass
 
 from sink.deadlines import Deadlines
 from sink.persona import Persona, rfc2822_now
-from sink.record import KEEP_ADDRESSES, EndReason, Flag, RecordSink, SessionRecord
+from sink.record import (
+    F_AUTH_ATTEMPT,
+    F_BARE_CR,
+    F_BARE_LF,
+    F_GREYLISTED,
+    F_LONG_LINE,
+    F_NON_SMTP,
+    F_PIPELINING_UNASKED,
+    F_PREGREET,
+    F_RELAY_ATTEMPT,
+    F_SMUGGLING,
+    F_TARPITTED,
+    KEEP_ADDRESSES,
+    EndReason,
+    RecordSink,
+    SessionRecord,
+)
 from sink.tarpit import BOT_FLAGS, Pacer, Stage, Tarpit
 
 log = logging.getLogger("spamsink.smtp")
@@ -65,18 +81,6 @@ _PACING_RESOLUTION = 0.05
 _MAX_BATCH = 64
 #: STARTTLS handshakes in progress (a reference keeps their tasks alive).
 _UPGRADES: set[asyncio.Future[None]] = set()
-# Plain ints: IntFlag arithmetic is slow on the per-line path.
-_F_PIPELINING = int(Flag.PIPELINING_UNASKED)
-_F_BARE_LF = int(Flag.BARE_LF)
-_F_BARE_CR = int(Flag.BARE_CR)
-_F_LONG_LINE = int(Flag.LONG_LINE)
-_F_AUTH_ATTEMPT = int(Flag.AUTH_ATTEMPT)
-_F_GREYLISTED = int(Flag.GREYLISTED)
-_F_NON_SMTP = int(Flag.NON_SMTP)
-_F_PREGREET = int(Flag.PREGREET)
-_F_RELAY_ATTEMPT = int(Flag.RELAY_ATTEMPT)
-_F_SMUGGLING = int(Flag.SMUGGLING)
-_F_TARPITTED = int(Flag.TARPITTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +417,7 @@ class SMTPSession(asyncio.Protocol):
             self._note_tls()
         self._pacer = ctx.tarpit.pacer_for(record.client_ip, transport)
         if self._pacer is not None:
-            record.flags |= _F_TARPITTED
+            record.flags |= F_TARPITTED
         ctx.timeouts.schedule(self, self._started + ctx.limits.idle_timeout)
         greeting = self._greeting()
         teaser = ctx.tarpit.pregreet_wait()
@@ -531,7 +535,7 @@ class SMTPSession(asyncio.Protocol):
                 and record.flags & BOT_FLAGS:
             pacer = self._pacer = ctx.tarpit.escalate(self._transport)
             if pacer is not None:
-                record.flags |= _F_TARPITTED
+                record.flags |= F_TARPITTED
         if pacer is not None:
             paced, interval = pacer.pace(stage, record.held if record is not None else 0.0,
                                          len(data))
@@ -644,7 +648,7 @@ class SMTPSession(asyncio.Protocol):
             if self._held is _TLS_PENDING:
                 return  # RFC 3207: nothing sent before the handshake is kept
             if not self._greeted:
-                record.flags |= _F_PREGREET
+                record.flags |= F_PREGREET
             self._stash(data)
             return
         mode = self._mode
@@ -707,7 +711,7 @@ class SMTPSession(asyncio.Protocol):
                     line_buf += data[pos:pos + room] if room < size - pos else data[pos:]
                     if size - pos > room:
                         self._skipping = True
-                        self._record.flags |= _F_LONG_LINE  # type: ignore[union-attr]
+                        self._record.flags |= F_LONG_LINE  # type: ignore[union-attr]
                 return size
             # Whether the line ended in CRLF is decided before any cut to the limit.
             if self._skipping:
@@ -720,19 +724,19 @@ class SMTPSession(asyncio.Protocol):
                 crlf = line_buf.endswith(b"\r")
                 line = bytes(line_buf[:limit])
                 if len(line_buf) > limit:
-                    self._record.flags |= _F_LONG_LINE  # type: ignore[union-attr]
+                    self._record.flags |= F_LONG_LINE  # type: ignore[union-attr]
                 line_buf.clear()
             else:
                 line = data[pos:newline]
                 crlf = line.endswith(b"\r")
                 if len(line) > limit:
                     line = line[:limit]
-                    self._record.flags |= _F_LONG_LINE  # type: ignore[union-attr]
+                    self._record.flags |= F_LONG_LINE  # type: ignore[union-attr]
             pos = newline + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not crlf and self._record is not None:
-                self._record.flags |= _F_BARE_LF
+                self._record.flags |= F_BARE_LF
                 self._record.bare_lf += 1
             verb = self._dispatch(line)
             # As Postfix does, the hard error limit is checked after every reply, so
@@ -742,7 +746,7 @@ class SMTPSession(asyncio.Protocol):
             if pos < size and self._record is not None and (
                 not self._esmtp or verb in _GROUP_ENDERS
             ) and verb != b"QUIT":
-                self._record.flags |= _F_PIPELINING
+                self._record.flags |= F_PIPELINING_UNASKED
             if self._mode != _CMD or self._held is not None or self._close_after:
                 return pos
             if len(self._out) >= _MAX_BATCH:
@@ -793,12 +797,12 @@ class SMTPSession(asyncio.Protocol):
                 return
             record.bare_lf += max(0, bare_lf)
             record.bare_cr += max(0, bare_cr)
-            record.flags |= (_F_BARE_LF if bare_lf > 0 else 0) | (_F_BARE_CR if bare_cr > 0 else 0)
+            record.flags |= (F_BARE_LF if bare_lf > 0 else 0) | (F_BARE_CR if bare_cr > 0 else 0)
             window = tail + data[start:stop]
             if finished:
                 window = window[:-5]
             if _SMUGGLING.search(window):
-                record.flags |= _F_SMUGGLING
+                record.flags |= F_SMUGGLING
 
     def _end_of_data(self) -> None:
         ctx = self._ctx
@@ -864,7 +868,7 @@ class SMTPSession(asyncio.Protocol):
                     or (persona.forbid_non_alpha and not 0x41 <= verb[0] <= 0x5A)
                     or (persona.forbid_header_lines and _HEADER_LINE.match(line))):
                 if record is not None:
-                    record.flags |= _F_NON_SMTP
+                    record.flags |= F_NON_SMTP
                 self._end(EndReason.FORBIDDEN, "forbidden")
             else:
                 self._error(ctx.reply("unknown"))
@@ -1014,7 +1018,7 @@ class SMTPSession(asyncio.Protocol):
         recipient = address.decode("utf-8", "replace")
         if not ctx.accepts_domain(recipient):
             if record is not None:
-                record.flags |= _F_RELAY_ATTEMPT
+                record.flags |= F_RELAY_ATTEMPT
             self._error(ctx.reply("relay_denied", address=recipient))
             return
         greylist = ctx.tarpit.greylist
@@ -1022,7 +1026,7 @@ class SMTPSession(asyncio.Protocol):
             sender = record.mail_from[-1] if record.mail_from else ""
             verdict = greylist.check(record.client_ip, sender, recipient)
             record.flags |= verdict
-            if verdict & _F_GREYLISTED:
+            if verdict & F_GREYLISTED:
                 self._error(ctx.reply("greylisted", address=recipient, sender=sender,
                                       domain=recipient.rpartition("@")[2] or ctx.hostname,
                                       client_ip=record.client_ip))
@@ -1140,7 +1144,7 @@ class SMTPSession(asyncio.Protocol):
 
     def _auth(self, arg: bytes) -> None:
         if self._record is not None:
-            self._record.flags |= _F_AUTH_ATTEMPT
+            self._record.flags |= F_AUTH_ATTEMPT
         self._error(self._ctx.reply("auth_disabled"))
 
     def _xclient(self, arg: bytes) -> None:

@@ -48,7 +48,7 @@ from operator import attrgetter, itemgetter, or_
 from pathlib import Path
 from typing import Any
 
-from sink.record import Flag, SessionRecord
+from sink.record import F_TARPITTED, SessionRecord
 
 #: The store's file inside ``--data``.
 STORE_FILE = "spamsink.sqlite"
@@ -427,7 +427,6 @@ ON CONFLICT (id) DO UPDATE SET
     held = held + excluded.held, segments_in = segments_in + excluded.segments_in,
     cpu_seconds = cpu_seconds + excluded.cpu_seconds
 """
-_TARPITTED = int(Flag.TARPITTED)
 
 
 # -- session blocks --------------------------------------------------------------------
@@ -616,7 +615,7 @@ def _fold(columns: list[tuple]) -> tuple[tuple, list[tuple], set[tuple[str, str]
     messages, size = sum(columns[_MSGS]), sum(columns[_BYTES])
     first_end, last_end = min(ends), max(ends)
     totals = (sessions, messages, sum(columns[_RCPT]), size, sum(columns[_HELD]),
-              sum(columns[_SEGS]), 0.0, sum(map(_TARPITTED.__and__, flags)) // _TARPITTED)
+              sum(columns[_SEGS]), 0.0, sum(map(F_TARPITTED.__and__, flags)) // F_TARPITTED)
     buckets: list[tuple[int, ...]]
     if int(first_end) // BUCKET == int(last_end) // BUCKET:
         buckets = [(int(first_end) // BUCKET * BUCKET, sessions, messages, size)]

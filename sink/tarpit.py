@@ -40,7 +40,7 @@ from typing import Any
 
 from sink import sockopts
 from sink.greylist import Greylist
-from sink.record import Flag, SessionRecord
+from sink.record import F_GREYLIST_RETRY, F_GREYLISTED, F_TARPITTED, Flag, SessionRecord
 
 log = logging.getLogger("spamsink.tarpit")
 
@@ -69,11 +69,6 @@ BOT_FLAGS = int(
     Flag.PREGREET | Flag.PIPELINING_UNASKED | Flag.BARE_LF | Flag.BARE_CR | Flag.NON_SMTP
     | Flag.AUTH_ATTEMPT | Flag.RELAY_ATTEMPT | Flag.SMUGGLING
 )
-
-# Plain ints: ``int & IntFlag`` goes through enum's Python-level ``__rand__``.
-_F_TARPITTED = int(Flag.TARPITTED)
-_F_GREYLISTED = int(Flag.GREYLISTED)
-_F_GREYLIST_RETRY = int(Flag.GREYLIST_RETRY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +305,7 @@ class Tarpit:
 
     def closed(self, record: SessionRecord, transport: Any) -> None:
         """At connection loss: record the kernel's counts, give back the budget slot."""
-        if record.flags & _F_TARPITTED:
+        if record.flags & F_TARPITTED:
             self.tarpitted -= 1
         if self.measures:
             info = sockopts.tcp_info_of(transport)
@@ -329,9 +324,9 @@ class Tarpit:
         counters["segments_in"] += record.segments_in
         counters["bytes_in"] += record.bytes
         flags = record.flags
-        if flags & _F_GREYLISTED:
+        if flags & F_GREYLISTED:
             counters["greylist_deferrals"] += 1
-        if flags & _F_GREYLIST_RETRY:
+        if flags & F_GREYLIST_RETRY:
             counters["greylist_retries"] += 1
         ip = record.client_ip
         visits = self._visits.pop(ip, 0) + 1
