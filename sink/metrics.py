@@ -15,7 +15,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from operator import attrgetter
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,12 +25,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sink.record import F_TARPITTED, SessionRecord
+from sink.record import PreparedBatch
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_BATCH_SUMS = tuple(attrgetter(name) for name in (
-    "messages", "recipients", "bytes", "held", "segments_in"))
-_FLAGS = attrgetter("flags")
 
 
 class SinkMetrics:
@@ -71,18 +67,17 @@ class SinkMetrics:
         self._failed_seen = 0
         self._lock = threading.Lock()
 
-    def record_batch(self, records: Sequence[SessionRecord], seconds: float) -> None:
-        """Count a written batch and how long the write took."""
-        messages, recipients, size, held, segments = (
-            sum(map(getter, records)) for getter in _BATCH_SUMS)
-        tarpitted = sum(map(F_TARPITTED.__and__, map(_FLAGS, records))) // F_TARPITTED
+    def record_batch(self, batches: Sequence[PreparedBatch], seconds: float) -> None:
+        """Count the sessions of a write and how long the write took."""
+        sessions, messages, recipients, size, held, segments, tarpitted = (
+            map(sum, zip(*(batch.sums for batch in batches), strict=True)))
         self.held.inc(held)
         self.segments.inc(segments)
         self.tarpitted.inc(tarpitted)
         cpu = time.process_time()
         self.cpu.inc(max(0.0, cpu - self._cpu_mark))
         self._cpu_mark = cpu
-        self.sessions.inc(len(records))
+        self.sessions.inc(sessions)
         self.messages.inc(messages)
         self.recipients.inc(recipients)
         self.bytes.inc(size)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 log = logging.getLogger("spamsink.record")
 
@@ -137,40 +137,82 @@ class DiscardRecords:
         """Drop ``record``."""
 
 
+class BatchSums(NamedTuple):
+    """What a batch of sessions adds to the running totals (and to the metrics)."""
+
+    sessions: int
+    messages: int
+    recipients: int
+    bytes: int
+    held: float
+    segments: int
+    tarpitted: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """Session records made ready for a store by its ``prepare``: the batch's sums and
+    whatever the store's ``write_prepared`` needs (``payload``, the store's own)."""
+
+    sums: BatchSums
+    payload: object
+
+
 class Recorder:
     """The engine's :class:`RecordSink` that batches sessions into a store.
 
-    ``submit`` (event-loop thread) appends to a bounded queue and returns; when the
-    queue is full the record is dropped, counted in ``dropped`` and a warning is
-    logged at most once per ``warn_interval`` seconds. One writer thread takes up to
-    ``batch`` records at a time and hands them to ``write`` (one transaction per
-    batch); it wakes when ``batch`` records are waiting and at least every
-    ``interval`` seconds. ``close`` writes everything still queued and stops the
-    thread. A failing write is logged, its batch counted in ``failed``, and the
-    writer carries on. ``on_tick`` runs in the writer thread after every wake-up
-    (metrics sampling, retention); ``on_batch`` after every written batch with the
-    records and the seconds the write took.
+    ``submit`` runs in one thread, the event loop's, and never blocks: it appends the
+    record to a queue and, every ``batch`` records, turns them into one
+    :class:`PreparedBatch` with ``prepare`` (the CPU part of a write: columns, sums,
+    encoding) right there. Why there: the records were just made on that core and are
+    freed by the thread that allocated them; done in the writer thread, the same work
+    cost the sink about twice as much (BENCHMARKS.md, "Recording cost"). The writer
+    thread hands the prepared batches to ``write``, all that are waiting in one call
+    (one transaction). It wakes when a batch is ready, but under load writes at most
+    once per ``gap`` seconds (each transaction has a fixed cost: the same hot pages
+    rewritten); when ``interval`` seconds pass without a full batch it prepares and
+    writes what is queued itself (the quiet case), so a record waits about
+    ``interval`` seconds at most. When the prepared batches waiting hold ``capacity``
+    records, the next batch is dropped instead, counted in ``dropped``, and a warning
+    is logged at most once per ``warn_interval`` seconds. ``close`` writes everything
+    still queued and stops the thread. A failing prepare or write is logged, its
+    records counted in ``failed``, and recording carries on. ``on_tick`` runs in the
+    writer thread after every wake-up (metrics sampling, retention); ``on_batch`` after
+    every write with the batches written and the seconds the write took.
     """
 
-    def __init__(self, write: Callable[[Sequence[SessionRecord]], None], *,
+    def __init__(self, prepare: Callable[[Sequence[SessionRecord]], PreparedBatch],
+                 write: Callable[[Sequence[PreparedBatch]], None], *,
                  capacity: int = 65_536, batch: int = 1000, interval: float = 0.5,
+                 gap: float = 0.25,
                  warn_interval: float = 60.0,
                  on_tick: Callable[[], None] | None = None,
-                 on_batch: Callable[[Sequence[SessionRecord], float], None] | None = None,
+                 on_batch: Callable[[Sequence[PreparedBatch], float], None] | None = None,
                  ) -> None:
+        self._prepare = prepare
         self._write = write
-        self._queue: collections.deque[SessionRecord] = collections.deque()
+        self._records: collections.deque[SessionRecord] = collections.deque()
+        self._ready: collections.deque[PreparedBatch] = collections.deque()
+        # Records in ``_ready``: added by the submitting thread, taken by the writer;
+        # each counter has one writer, so no lock is needed.
+        self._readied = 0
+        self._taken = 0
         self.capacity = capacity
         self.batch = batch
         self.interval = interval
+        self.gap = gap
         self.warn_interval = warn_interval
         self.on_tick = on_tick
         self.on_batch = on_batch
         self.dropped = 0
-        self.failed = 0
         self.written = 0
+        # Lost records, counted by the thread that lost them.
+        self._failed_prepares = 0
+        self._failed_writes = 0
         self._last_warning = -math.inf
         self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_write = -math.inf
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="spamsink-recorder", daemon=True)
 
@@ -180,23 +222,55 @@ class Recorder:
         return self
 
     @property
+    def failed(self) -> int:
+        """Records lost to a failed prepare or write."""
+        return self._failed_prepares + self._failed_writes
+
+    @property
     def depth(self) -> int:
         """Records waiting to be written."""
-        return len(self._queue)
+        return len(self._records) + self._readied - self._taken
 
     def submit(self, record: SessionRecord) -> None:
         """Queue ``record`` for writing; never blocks, never raises."""
-        queue = self._queue
-        size = len(queue)
-        if size >= self.capacity:
-            self._drop()
-            return
-        queue.append(record)
-        if size + 1 == self.batch:
-            self._wake.set()
+        records = self._records
+        records.append(record)
+        if len(records) >= self.batch:
+            self._hand_over()
 
-    def _drop(self) -> None:
-        self.dropped += 1
+    def _hand_over(self) -> None:
+        """Prepare a full batch in the submitting thread and wake the writer (or drop
+        the batch when the writer is ``capacity`` records behind)."""
+        records = self._take(self.batch)
+        if not records:
+            return  # the writer took them first
+        if self._readied - self._taken + len(records) > self.capacity:
+            self._drop(len(records))
+            return
+        try:
+            prepared = self._prepare(records)
+        except Exception:
+            self._failed_prepares += len(records)
+            log.exception("could not prepare %d session records", len(records))
+            return
+        self._ready.append(prepared)
+        self._readied += len(records)
+        self._wake.set()
+
+    def _take(self, count: int) -> list[SessionRecord]:
+        """Up to ``count`` records from the queue (the other thread may take some too:
+        each ``popleft`` is atomic)."""
+        taken: list[SessionRecord] = []
+        pop = self._records.popleft
+        try:
+            for _ in range(count):
+                taken.append(pop())
+        except IndexError:
+            pass
+        return taken
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
         now = time.monotonic()
         if now - self._last_warning >= self.warn_interval:
             self._last_warning = now
@@ -206,16 +280,23 @@ class Recorder:
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued, then stop the writer thread."""
         self._stopping = True
+        self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.interval)
-            self._wake.clear()
+            woken = self._wake.wait(self.interval)
             stopping = self._stopping
-            self._drain()
+            rest = self._last_write + self.gap - time.monotonic()
+            if woken and not stopping and rest > 0:
+                self._stop.wait(rest)  # under load, one transaction per ``gap`` at most
+                stopping = self._stopping
+            self._wake.clear()
+            # Records left unprepared are taken only when ``interval`` passed without a
+            # full batch (or at close): after a hand-over they are the next batch.
+            self._drain(leftovers=stopping or not woken)
             if self.on_tick is not None:
                 try:
                     self.on_tick()
@@ -224,17 +305,40 @@ class Recorder:
             if stopping:
                 return
 
-    def _drain(self) -> None:
-        queue, size = self._queue, self.batch
-        while queue:
-            records = [queue.popleft() for _ in range(min(size, len(queue)))]
-            started = time.perf_counter()
+    def _drain(self, leftovers: bool) -> None:
+        """Write the prepared batches and, with ``leftovers``, the records not yet
+        prepared (those queued when the wake-up came: a busy submitter cannot keep the
+        writer here)."""
+        ready = self._ready
+        batches: list[PreparedBatch] = []
+        taken = 0
+        while ready:
+            prepared = ready.popleft()
+            batches.append(prepared)
+            taken += prepared.sums.sessions
+        self._taken += taken
+        left = len(self._records) if leftovers else 0
+        while left > 0:
+            records = self._take(min(left, self.batch))
+            if not records:
+                break
+            left -= len(records)
             try:
-                self._write(records)
+                batches.append(self._prepare(records))
             except Exception:
-                self.failed += len(records)
-                log.exception("could not write %d session records", len(records))
-                continue
-            self.written += len(records)
-            if self.on_batch is not None:
-                self.on_batch(records, time.perf_counter() - started)
+                self._failed_writes += len(records)
+                log.exception("could not prepare %d session records", len(records))
+        if not batches:
+            return
+        sessions = sum(prepared.sums.sessions for prepared in batches)
+        started = time.perf_counter()
+        self._last_write = time.monotonic()
+        try:
+            self._write(batches)
+        except Exception:
+            self._failed_writes += sessions
+            log.exception("could not write %d session records", sessions)
+            return
+        self.written += sessions
+        if self.on_batch is not None:
+            self.on_batch(batches, time.perf_counter() - started)

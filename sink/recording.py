@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sink.metrics import MULTIPROC_ENV, SinkMetrics, exposition, mark_worker_dead
-from sink.record import Recorder, SessionRecord
+from sink.record import PreparedBatch, Recorder
 from sink.store import StoreWriter, ensure_store, open_reader, open_writer
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ class Recording:
         self.active = active
         self.metrics = metrics or SinkMetrics()
         self._next_prune = 0.0
-        self.records = Recorder(writer.write, on_tick=self._tick, on_batch=self._batch)
+        self.records = Recorder(writer.prepare, writer.write_prepared, on_tick=self._tick,
+                                on_batch=self._batch)
 
     @classmethod
     def open(cls, data: Path, *, retain: float, active: Callable[[], int] = lambda: 0,
@@ -64,8 +65,8 @@ class Recording:
         self.metrics.sample(active=self.active(), queue_depth=records.depth,
                             dropped=records.dropped, failed=records.failed)
 
-    def _batch(self, records: Sequence[SessionRecord], seconds: float) -> None:
-        self.metrics.record_batch(records, seconds)
+    def _batch(self, batches: Sequence[PreparedBatch], seconds: float) -> None:
+        self.metrics.record_batch(batches, seconds)
 
     def _tick(self) -> None:
         self.sample()

@@ -46,9 +46,9 @@ from functools import reduce
 from itertools import compress, count
 from operator import attrgetter, itemgetter, or_
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, cast
 
-from sink.record import F_TARPITTED, SessionRecord
+from sink.record import F_TARPITTED, BatchSums, PreparedBatch, SessionRecord
 
 #: The store's file inside ``--data``.
 STORE_FILE = "spamsink.sqlite"
@@ -335,11 +335,21 @@ def canonical_ip(text: str) -> str:
 
 
 class StoreWriter(abc.ABC):
-    """Writes batches of sessions; one thread at a time."""
+    """Writes batches of sessions; one thread at a time (``prepare`` excepted)."""
 
     @abc.abstractmethod
+    def prepare(self, records: Sequence[SessionRecord]) -> PreparedBatch:
+        """``records`` made ready for :meth:`write_prepared`, without touching the
+        database: safe on any thread, the records are not kept."""
+
+    @abc.abstractmethod
+    def write_prepared(self, batches: Sequence[PreparedBatch]) -> None:
+        """Store the sessions of ``batches`` (from this writer's :meth:`prepare`) and
+        fold them into the aggregates, in one transaction."""
+
     def write(self, records: Sequence[SessionRecord]) -> None:
         """Store ``records`` and fold them into the aggregates, in one transaction."""
+        self.write_prepared([self.prepare(records)])
 
     @abc.abstractmethod
     def prune(self, before: float) -> int:
@@ -598,11 +608,11 @@ _START, _LOCAL, _HELO, _RCPT, _MSGS, _BYTES, _HELD, _SEGS = (SESSION_FIELDS.inde
 
 
 def _fold(columns: list[tuple]) -> tuple[tuple, list[tuple], set[tuple[str, str]],
-                                         list[tuple], tuple]:
+                                         list[tuple], BatchSums]:
     """What a block given as ``columns`` (one tuple per ``SESSION_FIELDS`` entry) adds
     to the store: the block's meta (first end, last end, count, union of flags), one
     ``_UPSERT_IP`` row per sender, the (sender, local address) pairs, ``_UPSERT_BUCKET``
-    rows and the ``_ADD_TOTALS`` row.
+    rows and the block's sums.
 
     Sums run over columns in C; Python loops only per sender, or per session when a
     batch spans a bucket boundary. IPv4-mapped addresses in ``columns`` are replaced by
@@ -614,8 +624,8 @@ def _fold(columns: list[tuple]) -> tuple[tuple, list[tuple], set[tuple[str, str]
     sessions = len(ends)
     messages, size = sum(columns[_MSGS]), sum(columns[_BYTES])
     first_end, last_end = min(ends), max(ends)
-    totals = (sessions, messages, sum(columns[_RCPT]), size, sum(columns[_HELD]),
-              sum(columns[_SEGS]), 0.0, sum(map(F_TARPITTED.__and__, flags)) // F_TARPITTED)
+    totals = BatchSums(sessions, messages, sum(columns[_RCPT]), size, sum(columns[_HELD]),
+                       sum(columns[_SEGS]), sum(map(F_TARPITTED.__and__, flags)) // F_TARPITTED)
     buckets: list[tuple[int, ...]]
     if int(first_end) // BUCKET == int(last_end) // BUCKET:
         buckets = [(int(first_end) // BUCKET * BUCKET, sessions, messages, size)]
@@ -673,6 +683,19 @@ def _senders(columns: list[tuple]) -> list[tuple]:
     return senders
 
 
+class _Block(NamedTuple):
+    """One block of a :class:`PreparedBatch` from :meth:`SQLiteWriter.prepare`: its meta
+    (first end, last end, sessions, union of flags), blob, ``_UPSERT_IP`` rows,
+    (sender, local address) pairs, ``_UPSERT_BUCKET`` rows and sums."""
+
+    meta: tuple
+    data: bytes
+    senders: list[tuple]
+    pairs: set[tuple[str, str]]
+    buckets: list[tuple]
+    sums: BatchSums
+
+
 class SQLiteWriter(StoreWriter):
     """The single writer of a SQLite store (WAL, synchronous=NORMAL)."""
 
@@ -700,12 +723,27 @@ class SQLiteWriter(StoreWriter):
         # the store knows what the senders' held seconds cost us, across workers.
         self._cpu_mark = time.process_time()
 
-    def write(self, records: Sequence[SessionRecord]) -> None:
+    def prepare(self, records: Sequence[SessionRecord]) -> PreparedBatch:
+        """The blocks of ``records`` (``BLOCK_ROWS`` at most each) as a list of
+        :class:`_Block`, encoded and folded."""
+        blocks = []
+        for offset in range(0, len(records), BLOCK_ROWS):
+            chunk = records[offset:offset + BLOCK_ROWS]
+            columns = [tuple(map(getter, chunk)) for getter in _GETTERS]
+            meta, senders, pairs, buckets, sums = _fold(columns)
+            blocks.append(_Block(meta, _encode_block(columns), senders, pairs, buckets, sums))
+        if len(blocks) == 1:
+            return PreparedBatch(blocks[0].sums, blocks)
+        return PreparedBatch(BatchSums(*map(sum, zip(*(b.sums for b in blocks), strict=True)))
+                             if blocks else BatchSums(0, 0, 0, 0, 0.0, 0, 0), blocks)
+
+    def write_prepared(self, batches: Sequence[PreparedBatch]) -> None:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for offset in range(0, len(records), BLOCK_ROWS):
-                self._write_block(records[offset:offset + BLOCK_ROWS])
+            for batch in batches:
+                for block in cast(list[_Block], batch.payload):
+                    self._write_block(block)
             cpu = time.process_time()
             conn.execute("UPDATE totals SET cpu_seconds = cpu_seconds + ?",
                          (cpu - self._cpu_mark,))
@@ -715,19 +753,17 @@ class SQLiteWriter(StoreWriter):
             conn.execute("ROLLBACK")
             raise
 
-    def _write_block(self, records: Sequence[SessionRecord]) -> None:
-        """One block of ``records`` and their aggregates, inside the caller's
-        transaction: then one statement per distinct sender, local pair and bucket."""
-        if not records:
-            return
-        columns = [tuple(map(getter, records)) for getter in _GETTERS]
-        meta, senders, pairs, buckets, totals = _fold(columns)
+    def _write_block(self, block: _Block) -> None:
+        """One prepared block and its aggregates, inside the caller's transaction: one
+        statement per distinct sender, local pair and bucket."""
         conn = self.conn
-        _insert_block(conn, meta, _encode_block(columns), [sender[0] for sender in senders])
-        conn.executemany(_UPSERT_IP, senders)
-        conn.executemany(_INSERT_LOCAL, pairs)
-        conn.executemany(_UPSERT_BUCKET, buckets)
-        conn.execute(_ADD_TOTALS, totals)
+        _insert_block(conn, block.meta, block.data, [sender[0] for sender in block.senders])
+        conn.executemany(_UPSERT_IP, block.senders)
+        conn.executemany(_INSERT_LOCAL, block.pairs)
+        conn.executemany(_UPSERT_BUCKET, block.buckets)
+        sums = block.sums
+        conn.execute(_ADD_TOTALS, (sums.sessions, sums.messages, sums.recipients, sums.bytes,
+                                   sums.held, sums.segments, 0.0, sums.tarpitted))
 
     def prune(self, before: float, chunk: int = 100) -> int:
         """Delete the sessions that ended before ``before``, ``chunk`` blocks per

@@ -84,7 +84,9 @@ def serve(data: Path, token: str | None, metrics: SinkMetrics | None = None,
 def open_api(tmp_path: Path) -> Iterator[Client]:
     now = populate(tmp_path)
     metrics = SinkMetrics()
-    metrics.record_batch([session(messages=3)], 0.002)
+    writer = open_writer(tmp_path)
+    metrics.record_batch([writer.prepare([session(messages=3)])], 0.002)
+    writer.close()
     for _, base in serve(tmp_path, None, metrics):
         yield Client(base, now=now)
 
