@@ -1,8 +1,9 @@
 """Prometheus metrics of the sink (prometheus-client), never labelled by IP address.
 
 Contract: a :class:`SinkMetrics` belongs to one sink process and is updated only by
-that process's recorder writer thread (``record_batch`` after every written batch,
-``sample`` at every wake-up, at least once a second), so the SMTP path pays nothing.
+that process's recorder writer thread (``record_batch`` after every write, from the
+sums each batch got when it was prepared; ``sample`` at every wake-up, at least once a
+second), so the SMTP path pays nothing.
 With ``--workers N`` every worker's values live in prometheus-client's multiprocess
 directory (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before it starts the
 workers); :func:`exposition` then sums the workers: counters over every process that

@@ -14,7 +14,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple, Protocol
 
 log = logging.getLogger("spamsink.record")
@@ -97,9 +98,12 @@ class SessionRecord:
     helo: str = ""
     tls_version: str = ""
     tls_cipher: str = ""
-    mail_from: list[str] = field(default_factory=list)
+    #: The first ``KEEP_ADDRESSES`` sender and recipient addresses. Tuples, not lists:
+    #: no allocation for a session without any, and a queued row holding only tuples
+    #: and plain values is dropped from the garbage collector's tracking.
+    mail_from: tuple[str, ...] = ()
     recipients: int = 0
-    first_recipients: list[str] = field(default_factory=list)
+    first_recipients: tuple[str, ...] = ()
     messages: int = 0
     bytes: int = 0
     commands: int = 0
@@ -122,6 +126,18 @@ class SessionRecord:
     def duration(self) -> float:
         """Seconds from accept to close."""
         return max(0.0, self.end - self.start)
+
+
+#: A finished session as a plain tuple: what the recorder queues and the store keeps,
+#: these fields of :class:`SessionRecord` in this order (every field, see the tests).
+ROW_FIELDS = ("start", "end", "client_ip", "client_port", "local_ip", "local_port", "persona",
+              "helo", "tls_version", "tls_cipher", "mail_from", "recipients",
+              "first_recipients", "messages", "bytes", "commands", "errors", "bare_lf",
+              "bare_cr", "flags", "end_reason", "held", "segments_in", "retransmits",
+              "last_stage", "waited")
+#: ``as_row(record)``: the record's ``ROW_FIELDS`` as a tuple (one C call).
+as_row = attrgetter(*ROW_FIELDS)
+Row = tuple
 
 
 class RecordSink(Protocol):
@@ -162,11 +178,12 @@ class Recorder:
     """The engine's :class:`RecordSink` that batches sessions into a store.
 
     ``submit`` runs in one thread, the event loop's, and never blocks: it appends the
-    record to a queue and, every ``batch`` records, turns them into one
-    :class:`PreparedBatch` with ``prepare`` (the CPU part of a write: columns, sums,
-    encoding) right there. Why there: the records were just made on that core and are
-    freed by the thread that allocated them; done in the writer thread, the same work
-    cost the sink about twice as much (BENCHMARKS.md, "Recording cost"). The writer
+    record to a queue as a row (:data:`as_row`; the record is freed at once) and, every
+    ``batch`` rows, turns them into one :class:`PreparedBatch` with ``prepare`` (the CPU
+    part of a write: columns, sums, encoding) right there. Why there: the rows were
+    just made on that core and are freed by the thread that allocated them; done in
+    the writer thread, the same work cost the sink about twice as much (BENCHMARKS.md,
+    "Recording cost"). The writer
     thread hands the prepared batches to ``write``, all that are waiting in one call
     (one transaction). It wakes when a batch is ready, but under load writes at most
     once per ``gap`` seconds (each transaction has a fixed cost: the same hot pages
@@ -181,7 +198,7 @@ class Recorder:
     every write with the batches written and the seconds the write took.
     """
 
-    def __init__(self, prepare: Callable[[Sequence[SessionRecord]], PreparedBatch],
+    def __init__(self, prepare: Callable[[Sequence[Row]], PreparedBatch],
                  write: Callable[[Sequence[PreparedBatch]], None], *,
                  capacity: int = 65_536, batch: int = 1000, interval: float = 0.5,
                  gap: float = 0.25,
@@ -191,7 +208,7 @@ class Recorder:
                  ) -> None:
         self._prepare = prepare
         self._write = write
-        self._records: collections.deque[SessionRecord] = collections.deque()
+        self._rows: collections.deque[Row] = collections.deque()
         self._ready: collections.deque[PreparedBatch] = collections.deque()
         # Records in ``_ready``: added by the submitting thread, taken by the writer;
         # each counter has one writer, so no lock is needed.
@@ -229,39 +246,39 @@ class Recorder:
     @property
     def depth(self) -> int:
         """Records waiting to be written."""
-        return len(self._records) + self._readied - self._taken
+        return len(self._rows) + self._readied - self._taken
 
     def submit(self, record: SessionRecord) -> None:
         """Queue ``record`` for writing; never blocks, never raises."""
-        records = self._records
-        records.append(record)
-        if len(records) >= self.batch:
+        rows = self._rows
+        rows.append(as_row(record))  # the record itself is freed now, while it is hot
+        if len(rows) >= self.batch:
             self._hand_over()
 
     def _hand_over(self) -> None:
         """Prepare a full batch in the submitting thread and wake the writer (or drop
         the batch when the writer is ``capacity`` records behind)."""
-        records = self._take(self.batch)
-        if not records:
+        rows = self._take(self.batch)
+        if not rows:
             return  # the writer took them first
-        if self._readied - self._taken + len(records) > self.capacity:
-            self._drop(len(records))
+        if self._readied - self._taken + len(rows) > self.capacity:
+            self._drop(len(rows))
             return
         try:
-            prepared = self._prepare(records)
+            prepared = self._prepare(rows)
         except Exception:
-            self._failed_prepares += len(records)
-            log.exception("could not prepare %d session records", len(records))
+            self._failed_prepares += len(rows)
+            log.exception("could not prepare %d session records", len(rows))
             return
         self._ready.append(prepared)
-        self._readied += len(records)
+        self._readied += len(rows)
         self._wake.set()
 
-    def _take(self, count: int) -> list[SessionRecord]:
-        """Up to ``count`` records from the queue (the other thread may take some too:
-        each ``popleft`` is atomic)."""
-        taken: list[SessionRecord] = []
-        pop = self._records.popleft
+    def _take(self, count: int) -> list[Row]:
+        """Up to ``count`` rows from the queue (the other thread may take some too: each
+        ``popleft`` is atomic)."""
+        taken: list[Row] = []
+        pop = self._rows.popleft
         try:
             for _ in range(count):
                 taken.append(pop())
@@ -317,17 +334,17 @@ class Recorder:
             batches.append(prepared)
             taken += prepared.sums.sessions
         self._taken += taken
-        left = len(self._records) if leftovers else 0
+        left = len(self._rows) if leftovers else 0
         while left > 0:
-            records = self._take(min(left, self.batch))
-            if not records:
+            rows = self._take(min(left, self.batch))
+            if not rows:
                 break
-            left -= len(records)
+            left -= len(rows)
             try:
-                batches.append(self._prepare(records))
+                batches.append(self._prepare(rows))
             except Exception:
-                self._failed_writes += len(records)
-                log.exception("could not prepare %d session records", len(records))
+                self._failed_writes += len(rows)
+                log.exception("could not prepare %d session records", len(rows))
         if not batches:
             return
         sessions = sum(prepared.sums.sessions for prepared in batches)

@@ -979,7 +979,7 @@ class SMTPSession(asyncio.Protocol):
             return
         self._mail = True
         if record is not None and len(record.mail_from) < KEEP_ADDRESSES:
-            record.mail_from.append(address[:320].decode("utf-8", "replace"))
+            record.mail_from += (address[:320].decode("utf-8", "replace"),)
         self._reply(ctx.mail_ok)
 
     def _rcpt_cmd(self, arg: bytes) -> None:
@@ -1035,7 +1035,7 @@ class SMTPSession(asyncio.Protocol):
         if record is not None:
             record.recipients += 1
             if len(record.first_recipients) < KEEP_ADDRESSES:
-                record.first_recipients.append(recipient[:320])
+                record.first_recipients += (recipient[:320],)
         self._reply(ctx.rcpt_ok)
 
     def _data_cmd(self, arg: bytes) -> None:

@@ -44,11 +44,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from itertools import compress, count
-from operator import attrgetter, itemgetter, or_
+from operator import itemgetter, or_
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from sink.record import F_TARPITTED, BatchSums, PreparedBatch, SessionRecord
+from sink.record import (
+    F_TARPITTED,
+    ROW_FIELDS,
+    BatchSums,
+    PreparedBatch,
+    Row,
+    SessionRecord,
+    as_row,
+)
 
 #: The store's file inside ``--data``.
 STORE_FILE = "spamsink.sqlite"
@@ -309,13 +317,9 @@ class SessionFilter:
 
 IP_COLUMNS = ("ip", "first_seen", "last_seen", "sessions", "messages", "recipients",
               "bytes", "helo", "flags", "local_addresses")
-SESSION_COLUMNS = ("id", "start", "end", "client_ip", "client_port", "local_ip",
-                   "local_port", "persona", "helo", "tls_version", "tls_cipher", "mail_from",
-                   "recipients", "first_recipients", "messages", "bytes", "commands", "errors",
-                   "bare_lf", "bare_cr", "flags", "end_reason", "held", "segments_in",
-                   "retransmits", "last_stage", "waited")
-#: A stored session: the record's fields in this order (``SESSION_COLUMNS`` but ``id``).
-SESSION_FIELDS = SESSION_COLUMNS[1:]
+#: A stored session: the recorder's row (the record's fields in this order).
+SESSION_FIELDS = ROW_FIELDS
+SESSION_COLUMNS = ("id", *SESSION_FIELDS)
 _IP, _END, _FLAGS = (SESSION_FIELDS.index(n) for n in ("client_ip", "end", "flags"))
 _LIST_FIELDS = tuple(SESSION_FIELDS.index(n) for n in ("mail_from", "first_recipients"))
 #: Sessions per block at most, and the bits of a session id that are its position.
@@ -338,9 +342,9 @@ class StoreWriter(abc.ABC):
     """Writes batches of sessions; one thread at a time (``prepare`` excepted)."""
 
     @abc.abstractmethod
-    def prepare(self, records: Sequence[SessionRecord]) -> PreparedBatch:
-        """``records`` made ready for :meth:`write_prepared`, without touching the
-        database: safe on any thread, the records are not kept."""
+    def prepare(self, rows: Sequence[Row]) -> PreparedBatch:
+        """Sessions given as rows (:func:`~sink.record.as_row`) made ready for
+        :meth:`write_prepared`, without touching the database: safe on any thread."""
 
     @abc.abstractmethod
     def write_prepared(self, batches: Sequence[PreparedBatch]) -> None:
@@ -349,7 +353,7 @@ class StoreWriter(abc.ABC):
 
     def write(self, records: Sequence[SessionRecord]) -> None:
         """Store ``records`` and fold them into the aggregates, in one transaction."""
-        self.write_prepared([self.prepare(records)])
+        self.write_prepared([self.prepare(list(map(as_row, records)))])
 
     @abc.abstractmethod
     def prune(self, before: float) -> int:
@@ -397,8 +401,6 @@ class StoreReader(abc.ABC):
 
 # -- SQLite ----------------------------------------------------------------------------
 
-#: One getter per stored field: a block's columns are ``tuple(map(getter, records))``.
-_GETTERS = tuple(attrgetter(name) for name in SESSION_FIELDS)
 #: Per-IP aggregates of a batch, added to the stored ones. Unqualified names in SET
 #: are the stored row's values. The batch's HELO (from its latest session that sent
 #: one, at time ?12) replaces the stored one unless the stored sender was seen later.
@@ -723,13 +725,12 @@ class SQLiteWriter(StoreWriter):
         # the store knows what the senders' held seconds cost us, across workers.
         self._cpu_mark = time.process_time()
 
-    def prepare(self, records: Sequence[SessionRecord]) -> PreparedBatch:
-        """The blocks of ``records`` (``BLOCK_ROWS`` at most each) as a list of
+    def prepare(self, rows: Sequence[Row]) -> PreparedBatch:
+        """The blocks of ``rows`` (``BLOCK_ROWS`` at most each) as a list of
         :class:`_Block`, encoded and folded."""
         blocks = []
-        for offset in range(0, len(records), BLOCK_ROWS):
-            chunk = records[offset:offset + BLOCK_ROWS]
-            columns = [tuple(map(getter, chunk)) for getter in _GETTERS]
+        for offset in range(0, len(rows), BLOCK_ROWS):
+            columns = list(zip(*rows[offset:offset + BLOCK_ROWS], strict=True))
             meta, senders, pairs, buckets, sums = _fold(columns)
             blocks.append(_Block(meta, _encode_block(columns), senders, pairs, buckets, sums))
         if len(blocks) == 1:
@@ -1000,7 +1001,10 @@ def _find_sessions(conn: sqlite3.Connection, flt: SessionFilter, limit: int,
             session_id = base | index
             if before_id is not None and session_id >= before_id:
                 continue
-            found.append(dict(zip(SESSION_COLUMNS, (session_id, *row), strict=True)))
+            session = dict(zip(SESSION_COLUMNS, (session_id, *row), strict=True))
+            for name in ("mail_from", "first_recipients"):  # tuples (lists in older blocks)
+                session[name] = list(session[name])
+            found.append(session)
             if len(found) >= limit:
                 return found
     return found

@@ -16,7 +16,7 @@ import pytest
 from sink.api import ROUTES, Api, ApiServer, ApiThread, check_exposure, openapi, read_token
 from sink.metrics import SinkMetrics, exposition
 from sink.query import encode_cursor
-from sink.record import Flag
+from sink.record import Flag, as_row
 from sink.store import NETDROP_FILE, open_reader, open_writer
 from tests.support import free_port
 from tests.test_store import session
@@ -85,7 +85,7 @@ def open_api(tmp_path: Path) -> Iterator[Client]:
     now = populate(tmp_path)
     metrics = SinkMetrics()
     writer = open_writer(tmp_path)
-    metrics.record_batch([writer.prepare([session(messages=3)])], 0.002)
+    metrics.record_batch([writer.prepare([as_row(session(messages=3))])], 0.002)
     writer.close()
     for _, base in serve(tmp_path, None, metrics):
         yield Client(base, now=now)

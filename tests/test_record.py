@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sink.record import BatchSums, PreparedBatch, Recorder, SessionRecord
+from sink.record import ROW_FIELDS, BatchSums, PreparedBatch, Recorder, SessionRecord, as_row
 from sink.recording import Recording
 from sink.store import SessionFilter, open_reader
 
@@ -33,10 +34,11 @@ class Batches:
         self.gate.set()
         self.fail = False
 
-    def prepare(self, records: Sequence[SessionRecord]) -> PreparedBatch:
+    def prepare(self, rows: Sequence[tuple]) -> PreparedBatch:
         self.prepared_on.append(threading.current_thread().name)
-        return PreparedBatch(BatchSums(len(records), sum(r.messages for r in records), 0, 0,
-                                       0.0, 0, 0), list(records))
+        messages = ROW_FIELDS.index("messages")
+        return PreparedBatch(BatchSums(len(rows), sum(r[messages] for r in rows), 0, 0,
+                                       0.0, 0, 0), list(rows))
 
     def __call__(self, batches: Sequence[PreparedBatch]) -> None:
         self.gate.wait()
@@ -47,6 +49,12 @@ class Batches:
 
     def recorder(self, **kw) -> Recorder:
         return Recorder(self.prepare, self, **kw).start()
+
+
+def test_a_row_holds_every_field_of_a_record():
+    assert sorted(ROW_FIELDS) == sorted(f.name for f in dataclasses.fields(SessionRecord))
+    r = record("192.0.2.9")
+    assert as_row(r) == tuple(getattr(r, name) for name in ROW_FIELDS)
 
 
 def test_a_full_batch_is_written_without_waiting_for_the_interval():
