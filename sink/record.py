@@ -189,7 +189,7 @@ class Recorder:
     once per ``gap`` seconds (each transaction has a fixed cost: the same hot pages
     rewritten); when ``interval`` seconds pass without a full batch it prepares and
     writes what is queued itself (the quiet case), so a record waits about
-    ``interval`` seconds at most. When the prepared batches waiting hold ``capacity``
+    ``interval + gap`` seconds at most. When the prepared batches waiting hold ``capacity``
     records, the next batch is dropped instead, counted in ``dropped``, and a warning
     is logged at most once per ``warn_interval`` seconds. ``close`` writes everything
     still queued and stops the thread. A failing prepare or write is logged, its
