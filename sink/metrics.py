@@ -51,7 +51,8 @@ class SinkMetrics:
         self.failed = Counter("spamsink_recorder_failed",
                               "session records lost to a failed store write", **kw)
         self.write_seconds = Histogram(
-            "spamsink_store_write_seconds", "time to write one batch of records to the store",
+            "spamsink_store_write_seconds",
+            "time of one store write (one transaction of one or more batches of records)",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             **kw)
         # The asymmetry: what senders paid (held seconds, segments) against our CPU.
@@ -70,6 +71,8 @@ class SinkMetrics:
 
     def record_batch(self, batches: Sequence[PreparedBatch], seconds: float) -> None:
         """Count the sessions of a write and how long the write took."""
+        if not batches:
+            return
         sessions, messages, recipients, size, held, segments, tarpitted = (
             map(sum, zip(*(batch.sums for batch in batches), strict=True)))
         self.held.inc(held)

@@ -214,7 +214,7 @@ class Recorder:
         # each counter has one writer, so no lock is needed.
         self._readied = 0
         self._taken = 0
-        self.capacity = capacity
+        self.capacity = max(capacity, batch)  # else every full batch would be dropped
         self.batch = batch
         self.interval = interval
         self.gap = gap
@@ -270,8 +270,8 @@ class Recorder:
             self._failed_prepares += len(rows)
             log.exception("could not prepare %d session records", len(rows))
             return
+        self._readied += len(rows)  # before the append: ``depth`` never goes negative
         self._ready.append(prepared)
-        self._readied += len(rows)
         self._wake.set()
 
     def _take(self, count: int) -> list[Row]:
@@ -301,16 +301,17 @@ class Recorder:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        elif self._thread.ident is None:  # never started: write here
+            self._drain(leftovers=True)
 
     def _run(self) -> None:
         while True:
             woken = self._wake.wait(self.interval)
-            stopping = self._stopping
             rest = self._last_write + self.gap - time.monotonic()
-            if woken and not stopping and rest > 0:
+            if woken and not self._stopping and rest > 0:
                 self._stop.wait(rest)  # under load, one transaction per ``gap`` at most
-                stopping = self._stopping
             self._wake.clear()
+            stopping = self._stopping  # after the clear: a close() cannot slip between
             # Records left unprepared are taken only when ``interval`` passed without a
             # full batch (or at close): after a hand-over they are the next batch.
             self._drain(leftovers=stopping or not woken)
@@ -323,28 +324,39 @@ class Recorder:
                 return
 
     def _drain(self, leftovers: bool) -> None:
-        """Write the prepared batches and, with ``leftovers``, the records not yet
+        """Write the prepared batches and, with ``leftovers``, the rows not yet
         prepared (those queued when the wake-up came: a busy submitter cannot keep the
-        writer here)."""
+        writer here), in one write."""
         ready = self._ready
         batches: list[PreparedBatch] = []
-        taken = 0
         while ready:
-            prepared = ready.popleft()
-            batches.append(prepared)
-            taken += prepared.sums.sessions
-        self._taken += taken
-        left = len(self._rows) if leftovers else 0
+            batches.append(ready.popleft())
+        taken = sum(prepared.sums.sessions for prepared in batches)
+        if leftovers:
+            batches += self._prepare_leftovers()
+        try:
+            self._write_batches(batches)
+        finally:
+            self._taken += taken  # out of ``depth`` (and the capacity) once written or lost
+
+    def _prepare_leftovers(self) -> list[PreparedBatch]:
+        """The rows queued now, prepared in this thread (``batch`` at a time)."""
+        prepared: list[PreparedBatch] = []
+        left = len(self._rows)
         while left > 0:
             rows = self._take(min(left, self.batch))
             if not rows:
                 break
             left -= len(rows)
             try:
-                batches.append(self._prepare(rows))
+                prepared.append(self._prepare(rows))
             except Exception:
                 self._failed_writes += len(rows)
                 log.exception("could not prepare %d session records", len(rows))
+        return prepared
+
+    def _write_batches(self, batches: list[PreparedBatch]) -> None:
+        """One ``write`` of ``batches``; counts them written or failed, then ``on_batch``."""
         if not batches:
             return
         sessions = sum(prepared.sums.sessions for prepared in batches)
@@ -358,4 +370,7 @@ class Recorder:
             return
         self.written += sessions
         if self.on_batch is not None:
-            self.on_batch(batches, time.perf_counter() - started)
+            try:
+                self.on_batch(batches, time.perf_counter() - started)
+            except Exception:
+                log.exception("recorder batch hook failed")

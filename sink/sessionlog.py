@@ -51,7 +51,7 @@ def session_fields(record: SessionRecord) -> dict[str, object]:
         "local": f"{record.local_ip}:{record.local_port}",
         "helo": record.helo,
         "tls": record.tls_version,
-        "mail_from": record.mail_from,
+        "mail_from": list(record.mail_from),
         "recipients": record.recipients,
         "messages": record.messages,
         "bytes": record.bytes,

@@ -2,9 +2,11 @@
 
 Contract:
 
-* :class:`StoreWriter` is used by one thread at a time (the recorder's writer).
-  ``write`` stores a batch of session records and folds them into the per-IP
-  aggregates, the running totals and the 10-second rate buckets in ONE transaction.
+* :class:`StoreWriter` is used by one thread at a time (the recorder's writer), but
+  for ``prepare``, which touches no database and runs on the event loop: it turns
+  rows of sessions into a :class:`~sink.record.PreparedBatch`. ``write_prepared``
+  stores prepared batches and folds them into the per-IP aggregates, the running
+  totals and the 10-second rate buckets in ONE transaction (``write`` does both).
   Aggregates are updated with SQL UPSERT increments, so several processes writing
   to the same store (``--workers N``) never lose an update.
 * :class:`StoreReader` answers queries; every call may run on any thread and never

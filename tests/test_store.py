@@ -43,8 +43,8 @@ def session(ip: str = "192.0.2.1", *, end: float | None = None, messages: int = 
     record.messages = messages
     record.bytes = size
     record.recipients = recipients
-    record.first_recipients = [f"user{i}@example.org" for i in range(min(recipients, 5))]
-    record.mail_from = ["spam@example.net"] * min(messages, 5)
+    record.first_recipients = tuple(f"user{i}@example.org" for i in range(min(recipients, 5)))
+    record.mail_from = ("spam@example.net",) * min(messages, 5)
     record.flags = flags
     return record
 
