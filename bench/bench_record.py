@@ -12,7 +12,7 @@ tables (the numbers in BENCHMARKS.md come from this script).
    recorder's writer thread is included), read after the recorder has written every
    session (checked in the store), split into the event-loop thread and the rest
    (the writer). Each round runs off and on back to back (alternating which goes
-   first); medians, best, and the median of the rounds' own differences.
+   first); medians, best, and the median (with quartiles) of the rounds' own differences.
    ``--shapes`` picks the loads, ``--pin CPU`` adds a run with the server pinned.
 2. **Recorder throughput**: :class:`sink.record.Recorder` with the SQLite writer in
    this process, fed as fast as the queue takes records, for senders that repeat
@@ -141,12 +141,16 @@ def sink_cost(rounds: int, messages: int, per_connection: int,
         rows.append(f"| {per_connection} | {label} | {cpu:.1f} | {low:.1f} | {loop:.1f} | "
                     f"{writer:.1f} | {rate:,.0f} | {stored:,} |")
     (off, off_low), (on, on_low) = summary[False], summary[True]
-    paired = statistics.median((b["cpu_us"] - a["cpu_us"]) / a["cpu_us"]
-                               for a, b in zip(results[False], results[True], strict=True))
+    differences = [(b["cpu_us"] - a["cpu_us"]) / a["cpu_us"]
+                   for a, b in zip(results[False], results[True], strict=True)]
+    paired = statistics.median(differences)
+    low_q, _, high_q = (statistics.quantiles(differences, n=4) if len(differences) > 1
+                        else (paired, paired, paired))
     rows.append(f"| {per_connection} | **cost of recording** | **{(on - off) / off * 100:+.1f} %**"
                 f" | **{(on_low - off_low) / off_low * 100:+.1f} %** | | | | |")
     rows.append(f"| {per_connection} | **cost, median of the rounds' own differences** | "
-                f"**{paired * 100:+.1f} %** | | | | | |")
+                f"**{paired * 100:+.1f} %** | quartiles {low_q * 100:+.1f} / "
+                f"{high_q * 100:+.1f} % | | | | |")
     return rows
 
 
