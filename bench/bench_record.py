@@ -13,7 +13,8 @@ tables (the numbers in BENCHMARKS.md come from this script).
    session (checked in the store), split into the event-loop thread and the rest
    (the writer). Each round runs off and on back to back (alternating which goes
    first); medians, best, and the median (with quartiles) of the rounds' own differences.
-   ``--shapes`` picks the loads, ``--pin CPU`` adds a run with the server pinned.
+   ``--shapes`` picks the loads, ``--pin CPU`` adds a run with the server pinned,
+   ``--rate R`` one at a fixed R messages/s from ``spamsink send --rate``.
 2. **Recorder throughput**: :class:`sink.record.Recorder` with the SQLite writer in
    this process, fed as fast as the queue takes records, for senders that repeat
    (1 and 1,000 addresses) and all-different addresses; sessions/s of wall time until
@@ -74,9 +75,10 @@ def recorded_sessions(data: Path) -> int:
 
 
 def sink_run(record: bool, messages: int, per_connection: int,
-             pin: int | None = None) -> dict[str, float]:
-    """One server (on CPU ``pin`` if given), one smtp-source load; CPU µs per message
-    and messages/s."""
+             pin: int | None = None, rate: int | None = None) -> dict[str, float]:
+    """One server (on CPU ``pin`` if given), one load (smtp-source as fast as it can,
+    or ``spamsink send --rate`` at ``rate`` messages/s); CPU µs per message and
+    messages/s."""
     data = Path(tempfile.mkdtemp(prefix="rec4-bench-"))
     port = free_port()
     taskset = ["taskset", "-c", str(pin)] if pin is not None else []
@@ -95,7 +97,11 @@ def sink_run(record: bool, messages: int, per_connection: int,
         if per_connection > 1:
             load = [SMTP_SOURCE, "-s", str(min(50, sessions)), "-l", "1024", "-d", "-m",
                     str(messages)]
-        subprocess.run([*load, f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+        if rate is not None:
+            load = [*spamsink_command(), "send", "-q", "-s", "50", "-b", "1024", "-n",
+                    str(messages), "-m", str(per_connection), "--rate", str(rate), "-p"]
+        subprocess.run([*load, f"127.0.0.1:{port}" if rate is None else str(port)],
+                       check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         # Wait for the recorder to write them all (its CPU counts), or 1.2 s when off.
         deadline = time.monotonic() + 10
@@ -118,7 +124,7 @@ def sink_run(record: bool, messages: int, per_connection: int,
 
 
 def sink_cost(rounds: int, messages: int, per_connection: int,
-              pin: int | None = None) -> list[str]:
+              pin: int | None = None, rate: int | None = None) -> list[str]:
     """Table rows for one load: off and on, ``rounds`` pairs back to back (the order
     alternates between rounds). The cost row gives the difference of the medians and,
     less sensitive to load that comes and goes on a shared machine, the median of the
@@ -126,7 +132,7 @@ def sink_cost(rounds: int, messages: int, per_connection: int,
     results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for i in range(rounds):
         for record in ((False, True) if i % 2 == 0 else (True, False)):
-            results[record].append(sink_run(record, messages, per_connection, pin))
+            results[record].append(sink_run(record, messages, per_connection, pin, rate))
     rows = []
     summary = {}
     for record, label in ((False, "off (`--no-record`)"), (True, "on")):
@@ -212,6 +218,10 @@ def main() -> int:
     parser.add_argument("--pin", type=int, default=None, metavar="CPU",
                         help="also run the one-message-per-connection load with the server "
                         "pinned to this CPU (taskset): event loop and writer share it")
+    parser.add_argument("--rate", type=int, default=None, metavar="R",
+                        help="also run the one-message-per-connection load at a fixed R "
+                        "messages/s (spamsink send --rate; below saturation the result "
+                        "depends less on the client/server rhythm)")
     args = parser.parse_args()
     if not os.access(SMTP_SOURCE, os.X_OK):
         print(f"needs Postfix's {SMTP_SOURCE} (apt-get install postfix)", file=sys.stderr)
@@ -233,6 +243,14 @@ def main() -> int:
               "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
         print("|---|---|---|---|---|---|---|---|")
         for row in sink_cost(args.rounds, args.messages, 1, args.pin):
+            print(row, flush=True)
+    if args.rate is not None:
+        print(f"\nA fixed load below saturation: `spamsink send -s 50 -b 1024 --rate "
+              f"{args.rate}`, one message per connection:\n")
+        print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
+              "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in sink_cost(args.rounds, args.messages, 1, rate=args.rate):
             print(row, flush=True)
     if not args.records:
         return 0
