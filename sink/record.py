@@ -137,7 +137,8 @@ ROW_FIELDS = ("start", "end", "client_ip", "client_port", "local_ip", "local_por
               "last_stage", "waited")
 #: ``as_row(record)``: the record's ``ROW_FIELDS`` as a tuple (one C call).
 as_row = attrgetter(*ROW_FIELDS)
-Row = tuple
+#: A session as :data:`as_row` gives it.
+Row = tuple[object, ...]
 
 
 class RecordSink(Protocol):
@@ -167,8 +168,9 @@ class BatchSums(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class PreparedBatch:
-    """Session records made ready for a store by its ``prepare``: the batch's sums and
-    whatever the store's ``write_prepared`` needs (``payload``, the store's own)."""
+    """Rows made ready for a store by its ``prepare``: the batch's sums
+    (``sums.sessions`` is the number of rows) and whatever the store's
+    ``write_prepared`` needs (``payload``, the store's own)."""
 
     sums: BatchSums
     payload: object
