@@ -14,7 +14,8 @@ tables (the numbers in BENCHMARKS.md come from this script).
    (the writer). Each round runs off and on back to back (alternating which goes
    first); medians, best, and the median (with quartiles) of the rounds' own differences.
    ``--shapes`` picks the loads, ``--pin CPU`` adds a run with the server pinned,
-   ``--rate R`` one at a fixed R messages/s from ``spamsink send --rate``.
+   ``--rate R`` one at a fixed R messages/s from ``spamsink send --rate``;
+   ``--api-scraped`` runs both servers with the API on and ``/metrics`` read once.
 2. **Recorder throughput**: :class:`sink.record.Recorder` with the SQLite writer in
    this process, fed as fast as the queue takes records, for senders that repeat
    (1 and 1,000 addresses) and all-different addresses; sessions/s of wall time until
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from procstat import CLK_TCK, cpu_seconds, machine
@@ -75,19 +77,27 @@ def recorded_sessions(data: Path) -> int:
 
 
 def sink_run(record: bool, messages: int, per_connection: int,
-             pin: int | None = None, rate: int | None = None) -> dict[str, float]:
+             pin: int | None = None, rate: int | None = None,
+             scraped: bool = False) -> dict[str, float]:
     """One server (on CPU ``pin`` if given), one load (smtp-source as fast as it can,
     or ``spamsink send --rate`` at ``rate`` messages/s); CPU µs per message and
-    messages/s."""
+    messages/s. With ``scraped`` the API is on and ``/metrics`` read once before the
+    load, as Prometheus would: the API's reader threads then exist in both runs."""
     data = Path(tempfile.mkdtemp(prefix="rec4-bench-"))
     port = free_port()
+    api_port = free_port()
     taskset = ["taskset", "-c", str(pin)] if pin is not None else []
     command = [*taskset, *spamsink_command(), "serve", "--smtp", f"127.0.0.1:{port}", "--data",
                str(data), "--hostname", "mx.example.com", "--log-level", "warning",
-               "--api", "off", *([] if record else ["--no-record"])]
+               "--api", f"127.0.0.1:{api_port}" if scraped else "off",
+               *([] if record else ["--no-record"])]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port("127.0.0.1", port)
+        if scraped:
+            wait_for_port("127.0.0.1", api_port)
+            with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=10):
+                pass
         time.sleep(0.3)
         sessions = messages // per_connection
         before = cpu_seconds([proc.pid])
@@ -124,7 +134,8 @@ def sink_run(record: bool, messages: int, per_connection: int,
 
 
 def sink_cost(rounds: int, messages: int, per_connection: int,
-              pin: int | None = None, rate: int | None = None) -> list[str]:
+              pin: int | None = None, rate: int | None = None,
+              scraped: bool = False) -> list[str]:
     """Table rows for one load: off and on, ``rounds`` pairs back to back (the order
     alternates between rounds). The cost row gives the difference of the medians and,
     less sensitive to load that comes and goes on a shared machine, the median of the
@@ -132,7 +143,8 @@ def sink_cost(rounds: int, messages: int, per_connection: int,
     results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for i in range(rounds):
         for record in ((False, True) if i % 2 == 0 else (True, False)):
-            results[record].append(sink_run(record, messages, per_connection, pin, rate))
+            results[record].append(sink_run(record, messages, per_connection, pin, rate,
+                                            scraped))
     rows = []
     summary = {}
     for record, label in ((False, "off (`--no-record`)"), (True, "on")):
@@ -218,6 +230,10 @@ def main() -> int:
     parser.add_argument("--pin", type=int, default=None, metavar="CPU",
                         help="also run the one-message-per-connection load with the server "
                         "pinned to this CPU (taskset): event loop and writer share it")
+    parser.add_argument("--api-scraped", action="store_true",
+                        help="run both servers with the API on, /metrics read once before "
+                        "the load (its reader threads then exist with recording off too, "
+                        "as in a sink Prometheus scrapes); default: --api off")
     parser.add_argument("--rate", type=int, default=None, metavar="R",
                         help="also run the one-message-per-connection load at a fixed R "
                         "messages/s (spamsink send --rate; below saturation the result "
@@ -229,20 +245,23 @@ def main() -> int:
     print(f"Machine: {machine(f'SQLite {sqlite3.sqlite_version}')}\n")
     shapes = [int(n) for n in args.shapes.split(",") if n]
     if shapes:
+        api = "API on, /metrics read once" if args.api_scraped else "--api off"
         print(f"### Sink CPU per message, recording off vs on ({args.rounds} rounds each, "
-              f"{args.messages:,} messages, smtp-source -s 50 -l 1024)\n")
+              f"{args.messages:,} messages, smtp-source -s 50 -l 1024, {api})\n")
         print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
               "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
         print("|---|---|---|---|---|---|---|---|")
     for per_connection in shapes:
-        for row in sink_cost(args.rounds, args.messages, per_connection):
+        for row in sink_cost(args.rounds, args.messages, per_connection,
+                             scraped=args.api_scraped):
             print(row, flush=True)
     if args.pin is not None:
         print(f"\nServer pinned to CPU {args.pin} (`taskset -c {args.pin}`), smtp-source free:\n")
         print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
               "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
         print("|---|---|---|---|---|---|---|---|")
-        for row in sink_cost(args.rounds, args.messages, 1, args.pin):
+        for row in sink_cost(args.rounds, args.messages, 1, args.pin,
+                             scraped=args.api_scraped):
             print(row, flush=True)
     if args.rate is not None:
         print(f"\nA fixed load below saturation: `spamsink send -s 50 -b 1024 --rate "
@@ -250,7 +269,8 @@ def main() -> int:
         print("| messages/connection | recording | CPU µs/msg, median | CPU µs/msg, best | "
               "event-loop thread | other threads (writer) | msgs/s | sessions in store |")
         print("|---|---|---|---|---|---|---|---|")
-        for row in sink_cost(args.rounds, args.messages, 1, rate=args.rate):
+        for row in sink_cost(args.rounds, args.messages, 1, rate=args.rate,
+                             scraped=args.api_scraped):
             print(row, flush=True)
     if not args.records:
         return 0
