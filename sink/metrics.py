@@ -26,7 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sink.record import PreparedBatch
+from sink.record import BatchSums, PreparedBatch
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -71,10 +71,8 @@ class SinkMetrics:
 
     def record_batch(self, batches: Sequence[PreparedBatch], seconds: float) -> None:
         """Count the sessions of a write and how long the write took."""
-        if not batches:
-            return
-        sessions, messages, recipients, size, held, segments, tarpitted = (
-            map(sum, zip(*(batch.sums for batch in batches), strict=True)))
+        sessions, messages, recipients, size, held, segments, tarpitted = BatchSums.total(
+            batch.sums for batch in batches)
         self.held.inc(held)
         self.segments.inc(segments)
         self.tarpitted.inc(tarpitted)

@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import NamedTuple, Protocol
@@ -165,6 +165,12 @@ class BatchSums(NamedTuple):
     segments: int
     tarpitted: int
 
+    @classmethod
+    def total(cls, parts: Iterable[BatchSums]) -> BatchSums:
+        """The field-by-field sum of ``parts`` (zeros when there are none)."""
+        columns = list(zip(*parts, strict=True))
+        return cls(*map(sum, columns)) if columns else cls(0, 0, 0, 0, 0.0, 0, 0)
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedBatch:
@@ -185,15 +191,15 @@ class Recorder:
     part of a write: columns, sums, encoding) right there. Why there: the rows were
     just made on that core and are freed by the thread that allocated them; done in
     the writer thread, the same work cost the sink about twice as much (BENCHMARKS.md,
-    "Recording cost"). The writer
-    thread hands the prepared batches to ``write``, all that are waiting in one call
-    (one transaction). It wakes when a batch is ready, but under load writes at most
-    once per ``gap`` seconds (each transaction has a fixed cost: the same hot pages
-    rewritten); when ``interval`` seconds pass without a full batch it prepares and
-    writes what is queued itself (the quiet case), so a record waits about
-    ``interval + gap`` seconds at most. When the prepared batches waiting hold ``capacity``
-    records, the next batch is dropped instead, counted in ``dropped``, and a warning
-    is logged at most once per ``warn_interval`` seconds. ``close`` writes everything
+    "Recording cost"). The writer thread hands the prepared batches to ``write``, all
+    that are waiting in one call (one transaction). It wakes when a batch is ready, but
+    under load writes at most once per ``gap`` seconds (each transaction has a fixed
+    cost: the same hot pages rewritten); when ``interval`` seconds pass without a full
+    batch it prepares and writes what is queued itself (the quiet case), so a record
+    waits about ``interval + gap`` seconds at most. When the prepared batches waiting
+    or being written hold ``capacity`` records, the next batch is dropped instead,
+    counted in ``dropped``, and a warning is logged at most once per ``warn_interval``
+    seconds. ``close`` writes everything
     still queued and stops the thread. A failing prepare or write is logged, its
     records counted in ``failed``, and recording carries on. ``on_tick`` runs in the
     writer thread after every wake-up (metrics sampling, retention); ``on_batch`` after
@@ -230,9 +236,8 @@ class Recorder:
         self._failed_writes = 0
         self._last_warning = -math.inf
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # set by close()
         self._last_write = -math.inf
-        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="spamsink-recorder", daemon=True)
 
     def start(self) -> Recorder:
@@ -298,7 +303,6 @@ class Recorder:
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued, then stop the writer thread."""
-        self._stopping = True
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
@@ -310,10 +314,10 @@ class Recorder:
         while True:
             woken = self._wake.wait(self.interval)
             rest = self._last_write + self.gap - time.monotonic()
-            if woken and not self._stopping and rest > 0:
+            if woken and rest > 0:
                 self._stop.wait(rest)  # under load, one transaction per ``gap`` at most
             self._wake.clear()
-            stopping = self._stopping  # after the clear: a close() cannot slip between
+            stopping = self._stop.is_set()  # after the clear: a close() cannot slip between
             # Records left unprepared are taken only when ``interval`` passed without a
             # full batch (or at close): after a hand-over they are the next batch.
             self._drain(leftovers=stopping or not woken)

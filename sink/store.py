@@ -735,10 +735,7 @@ class SQLiteWriter(StoreWriter):
             columns = list(zip(*rows[offset:offset + BLOCK_ROWS], strict=True))
             meta, senders, pairs, buckets, sums = _fold(columns)
             blocks.append(_Block(meta, _encode_block(columns), senders, pairs, buckets, sums))
-        if len(blocks) == 1:
-            return PreparedBatch(blocks[0].sums, blocks)
-        return PreparedBatch(BatchSums(*map(sum, zip(*(b.sums for b in blocks), strict=True)))
-                             if blocks else BatchSums(0, 0, 0, 0, 0.0, 0, 0), blocks)
+        return PreparedBatch(BatchSums.total(block.sums for block in blocks), blocks)
 
     def write_prepared(self, batches: Sequence[PreparedBatch]) -> None:
         conn = self.conn
@@ -748,8 +745,8 @@ class SQLiteWriter(StoreWriter):
                 for block in cast(list[_Block], batch.payload):
                     self._write_block(block)
             cpu = time.process_time()
-            conn.execute("UPDATE totals SET cpu_seconds = cpu_seconds + ?",
-                         (cpu - self._cpu_mark,))
+            sums = BatchSums.total(batch.sums for batch in batches)
+            conn.execute(_ADD_TOTALS, (*sums[:-1], cpu - self._cpu_mark, sums.tarpitted))
             conn.execute("COMMIT")
             self._cpu_mark = cpu
         except BaseException:
@@ -757,16 +754,13 @@ class SQLiteWriter(StoreWriter):
             raise
 
     def _write_block(self, block: _Block) -> None:
-        """One prepared block and its aggregates, inside the caller's transaction: one
-        statement per distinct sender, local pair and bucket."""
+        """One prepared block and its per-sender, pair and bucket aggregates, inside the
+        caller's transaction (the totals are added once per write)."""
         conn = self.conn
         _insert_block(conn, block.meta, block.data, [sender[0] for sender in block.senders])
         conn.executemany(_UPSERT_IP, block.senders)
         conn.executemany(_INSERT_LOCAL, block.pairs)
         conn.executemany(_UPSERT_BUCKET, block.buckets)
-        sums = block.sums
-        conn.execute(_ADD_TOTALS, (sums.sessions, sums.messages, sums.recipients, sums.bytes,
-                                   sums.held, sums.segments, 0.0, sums.tarpitted))
 
     def prune(self, before: float, chunk: int = 100) -> int:
         """Delete the sessions that ended before ``before``, ``chunk`` blocks per

@@ -57,6 +57,12 @@ def test_a_row_holds_every_field_of_a_record():
     assert as_row(r) == tuple(getattr(r, name) for name in ROW_FIELDS)
 
 
+def test_batch_sums_add_field_by_field():
+    parts = [BatchSums(1, 2, 3, 4, 0.5, 6, 1), BatchSums(10, 20, 30, 40, 1.5, 60, 0)]
+    assert BatchSums.total(parts) == BatchSums(11, 22, 33, 44, 2.0, 66, 1)
+    assert BatchSums.total([]) == BatchSums(0, 0, 0, 0, 0.0, 0, 0)
+
+
 def test_a_full_batch_is_written_without_waiting_for_the_interval():
     batches = Batches()
     recorder = batches.recorder(batch=100, interval=30.0)

@@ -370,6 +370,8 @@ def test_a_batch_larger_than_a_block_pages_through_every_session(store):
     assert len({s["id"] for s in seen}) == total
     assert len(reader.sessions(SessionFilter(ip="10.0.3.1"), limit=10_000)) == len(
         range(3, total, 7))
+    totals = reader.stats(t + total)["totals"]
+    assert totals["sessions"] == total and totals["messages"] == total
 
 
 def test_deleting_a_sender_keeps_the_ids_of_the_others(store):
