@@ -16,7 +16,8 @@ Contract:
   ``MIGRATIONS``; ``schema_version`` holds the step reached.
 
 Sessions are stored as *blocks* (schema 5): one row per written batch (at most
-``BLOCK_ROWS`` sessions) holding the batch's sessions column by column, pickled with
+``BLOCK_ROWS`` sessions) holding the batch's sessions column by column (since schema
+6, a column of one repeated value as that value and a count), pickled with
 plain values only (a reader refuses a block that names any class or function but
 ``int``/``str``), plus one ``session_ips`` row per distinct sender in it. A session's
 id is ``block << ID_SHIFT | position``, so ids grow in the order sessions were written.
@@ -148,6 +149,10 @@ UPDATE totals SET held = (SELECT coalesce(sum(held), 0) FROM ips),
     # was allowed to spend on recording. Existing sessions move into blocks in id
     # order (their ids change: ids are block-based from here on).
     (5, lambda conn: _sessions_into_blocks(conn)),
+    # Blocks may store a column whose sessions all hold one value as [value, sessions]
+    # (_encode_block). Nothing to convert (old blocks stay readable); the step is here
+    # so that an older spamsink, which cannot read such blocks, refuses the store.
+    (6, lambda conn: None),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -478,14 +483,46 @@ class _PlainUnpickler(pickle.Unpickler):
                 f"a session block may not refer to {module}.{name}") from None
 
 
-def _encode_block(columns: Sequence[tuple], dead: tuple[int, ...] = ()) -> bytes:
-    """A block's blob: the field names, one tuple per field (``SESSION_FIELDS`` order)
-    and the positions of deleted sessions, pickled (protocol 5: later Pythons read it).
-    Columns, not a tuple per session: a batch then allocates 26 containers instead of
-    one per session, which the cyclic garbage collector would have to walk."""
+def _repeated(columns: Sequence[tuple]) -> frozenset[int]:
+    """The positions of the columns that hold one value for every session (two or
+    more). In a flood most do: persona, local address, HELO, how it ended, the zero
+    counters; often the sender too."""
+    same = []
+    for index, column in enumerate(columns):
+        first = column[0]
+        if len(column) > 1 and column[-1] == first and column.count(first) == len(column):
+            same.append(index)
+    return frozenset(same)
+
+
+def _encode_block(columns: Sequence[tuple], dead: tuple[int, ...] = (),
+                  same: frozenset[int] | None = None) -> bytes:
+    """A block's blob: the field names, one column per field (``SESSION_FIELDS``
+    order) and the positions of deleted sessions, pickled (protocol 5: later Pythons
+    read it). A column is a tuple of the sessions' values or, when they all hold the
+    same value (``same``, found when not given; schema 6), the list ``[value,
+    sessions]``: a flood's block then pickles a few values per field instead of a
+    reference per session (5-7x smaller; BENCHMARKS.md, "Recording cost"). Columns, not a
+    tuple per session: a batch then allocates 26 containers instead of one per session,
+    which the cyclic garbage collector would have to walk."""
+    if same is None:
+        same = _repeated(columns)
+    stored = [[column[0], len(column)] if index in same else column
+              for index, column in enumerate(columns)]
     out = io.BytesIO()
-    _BlockPickler(out, protocol=5).dump((SESSION_FIELDS, tuple(columns), dead))
+    _BlockPickler(out, protocol=5).dump((SESSION_FIELDS, tuple(stored), dead))
     return out.getvalue()
+
+
+def _expand(column: object) -> tuple:
+    """A stored column as a tuple of values (``[value, sessions]`` repeated); raises
+    ``ValueError`` for anything else."""
+    if isinstance(column, tuple):
+        return column
+    if (isinstance(column, list) and len(column) == 2 and type(column[1]) is int
+            and 0 < column[1] <= BLOCK_ROWS):
+        return (column[0],) * column[1]
+    raise ValueError(f"a column is a {type(column).__name__}")
 
 
 def _encode_rows(rows: Sequence[tuple | None]) -> bytes:
@@ -500,17 +537,18 @@ def _decode_block(data: bytes) -> list[tuple | None]:
     ones (a block written with other fields is mapped by name; fields it lacks get
     ``SESSION_DEFAULTS``)."""
     try:
-        fields, columns, dead = _PlainUnpickler(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as exc:
+        fields, stored, dead = _PlainUnpickler(io.BytesIO(data)).load()
+        columns = [_expand(column) for column in stored]
+        if tuple(fields) != SESSION_FIELDS:
+            size = len(columns[0]) if columns else 0
+            by_name = dict(zip(fields, columns, strict=True))
+            columns = [by_name.get(name, (SESSION_DEFAULTS[name],) * size)
+                       for name in SESSION_FIELDS]
+        rows: list[tuple | None] = list(zip(*columns, strict=True))
+        for index in dead:
+            rows[index] = None
+    except (pickle.UnpicklingError, ValueError, TypeError, IndexError, EOFError) as exc:
         raise StoreError(f"a session block in the store is damaged: {exc}") from None
-    if tuple(fields) != SESSION_FIELDS:
-        size = len(columns[0]) if columns else 0
-        by_name = dict(zip(fields, columns, strict=True))
-        columns = [by_name.get(name, (SESSION_DEFAULTS[name],) * size)
-                   for name in SESSION_FIELDS]
-    rows: list[tuple | None] = list(zip(*columns, strict=True))
-    for index in dead:
-        rows[index] = None
     return rows
 
 
@@ -611,25 +649,36 @@ _START, _LOCAL, _HELO, _RCPT, _MSGS, _BYTES, _HELD, _SEGS = (SESSION_FIELDS.inde
     "start", "local_ip", "helo", "recipients", "messages", "bytes", "held", "segments_in"))
 
 
-def _fold(columns: list[tuple]) -> tuple[tuple, list[tuple], set[tuple[str, str]],
-                                         list[tuple], BatchSums]:
+def _fold(columns: list[tuple], same: frozenset[int]) -> tuple[
+        tuple, list[tuple], set[tuple[str, str]], list[tuple], BatchSums]:
     """What a block given as ``columns`` (one tuple per ``SESSION_FIELDS`` entry) adds
     to the store: the block's meta (first end, last end, count, union of flags), one
     ``_UPSERT_IP`` row per sender, the (sender, local address) pairs, ``_UPSERT_BUCKET``
-    rows and the block's sums.
+    rows and the block's sums. ``same`` holds the positions of the columns with one
+    value throughout (:func:`_repeated`), which are folded from that value alone.
 
     Sums run over columns in C; Python loops only per sender, or per session when a
     batch spans a bucket boundary. IPv4-mapped addresses in ``columns`` are replaced by
     IPv4 in place."""
     for index in (_IP, _LOCAL):
-        if any(a.startswith("::ffff:") for a in set(columns[index])):
-            columns[index] = tuple(map(_canonical, columns[index]))
+        column = columns[index]
+        if index in same:
+            if column[0].startswith("::ffff:"):
+                columns[index] = (_canonical(column[0]),) * len(column)
+        elif any(a.startswith("::ffff:") for a in set(column)):
+            columns[index] = tuple(map(_canonical, column))
     ips, locals_, ends, flags = columns[_IP], columns[_LOCAL], columns[_END], columns[_FLAGS]
     sessions = len(ends)
     messages, size = sum(columns[_MSGS]), sum(columns[_BYTES])
     first_end, last_end = min(ends), max(ends)
+    if _FLAGS in same:
+        union = flags[0]
+        tarpitted = sessions if union & F_TARPITTED else 0
+    else:
+        union = reduce(or_, flags, 0)
+        tarpitted = sum(map(F_TARPITTED.__and__, flags)) // F_TARPITTED
     totals = BatchSums(sessions, messages, sum(columns[_RCPT]), size, sum(columns[_HELD]),
-                       sum(columns[_SEGS]), sum(map(F_TARPITTED.__and__, flags)) // F_TARPITTED)
+                       sum(columns[_SEGS]), tarpitted)
     buckets: list[tuple[int, ...]]
     if int(first_end) // BUCKET == int(last_end) // BUCKET:
         buckets = [(int(first_end) // BUCKET * BUCKET, sessions, messages, size)]
@@ -642,19 +691,22 @@ def _fold(columns: list[tuple]) -> tuple[tuple, list[tuple], set[tuple[str, str]
             bucket[2] += n_msgs
             bucket[3] += n_bytes
         buckets = [tuple(b) for b in per_bucket.values()]
-    meta = (first_end, last_end, sessions, reduce(or_, flags, 0))
-    return meta, _senders(columns), set(zip(ips, locals_, strict=True)), buckets, totals
+    pairs = ({(ips[0], locals_[0])} if _IP in same and _LOCAL in same
+             else set(zip(ips, locals_, strict=True)))
+    meta = (first_end, last_end, sessions, union)
+    return meta, _senders(columns, same), pairs, buckets, totals
 
 
 _SENDER_FIELDS = (_START, _END, _HELO, _MSGS, _RCPT, _BYTES, _FLAGS, _HELD, _SEGS)
 
 
-def _senders(columns: list[tuple]) -> list[tuple]:
-    """One ``_UPSERT_IP`` row per sender in a block's ``columns``: first start, last
-    end, sessions, messages, recipients, bytes, the HELO of its latest session that sent
-    one (and that session's end, -1 if none), union of flags, seconds held, segments."""
+def _senders(columns: list[tuple], same: frozenset[int]) -> list[tuple]:
+    """One ``_UPSERT_IP`` row per sender in a block's ``columns`` (``same`` as for
+    :func:`_fold`): first start, last end, sessions, messages, recipients, bytes, the
+    HELO of its latest session that sent one (and that session's end, -1 if none),
+    union of flags, seconds held, segments."""
     ips = columns[_IP]
-    if ips.count(ips[0]) == len(ips):  # one sender: its columns are the block's
+    if _IP in same or ips.count(ips[0]) == len(ips):  # one sender: the block's columns
         groups: dict[str, list[int] | None] = {ips[0]: None}
     else:
         groups = {}
@@ -675,16 +727,26 @@ def _senders(columns: list[tuple]) -> list[tuple]:
         if group is None:
             starts, ends, helos, msgs, rcpts, size, flags, held, segs = (
                 columns[f] for f in _SENDER_FIELDS)
+            union = flags[0] if _FLAGS in same else reduce(or_, flags, 0)
+            if _HELO in same:  # the latest session's HELO is that one HELO
+                latest: tuple = (max(ends), 0, helos[0]) if helos[0] else (-1.0, 0, "")
+            else:
+                latest = _latest_helo(ends, helos)
         else:
             pick = itemgetter(*group)
             starts, ends, helos, msgs, rcpts, size, flags, held, segs = (
                 pick(columns[f]) for f in _SENDER_FIELDS)
-        # The latest session with a HELO; on equal ends the later one in the batch.
-        latest = max(compress(zip(ends, count(), helos), helos), default=(-1.0, 0, ""))
+            union = reduce(or_, flags, 0)
+            latest = _latest_helo(ends, helos)
         senders.append((ip, min(starts), max(ends), len(ends), sum(msgs), sum(rcpts),
-                        sum(size), latest[2], reduce(or_, flags, 0), sum(held), sum(segs),
-                        latest[0]))
+                        sum(size), latest[2], union, sum(held), sum(segs), latest[0]))
     return senders
+
+
+def _latest_helo(ends: Sequence[float], helos: Sequence[str]) -> tuple:
+    """(end, position, HELO) of the latest session that sent a HELO (on equal ends the
+    later one in the batch); ``(-1.0, 0, "")`` when none did."""
+    return max(compress(zip(ends, count(), helos), helos), default=(-1.0, 0, ""))
 
 
 class _Block(NamedTuple):
@@ -733,8 +795,10 @@ class SQLiteWriter(StoreWriter):
         blocks = []
         for offset in range(0, len(rows), BLOCK_ROWS):
             columns = list(zip(*rows[offset:offset + BLOCK_ROWS], strict=True))
-            meta, senders, pairs, buckets, sums = _fold(columns)
-            blocks.append(_Block(meta, _encode_block(columns), senders, pairs, buckets, sums))
+            same = _repeated(columns)
+            meta, senders, pairs, buckets, sums = _fold(columns, same)
+            blocks.append(_Block(meta, _encode_block(columns, same=same), senders, pairs,
+                                 buckets, sums))
         return PreparedBatch(BatchSums.total(block.sums for block in blocks), blocks)
 
     def write_prepared(self, batches: Sequence[PreparedBatch]) -> None:

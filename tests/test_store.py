@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sink.record import EndReason, Flag, SessionRecord
+from sink.record import EndReason, Flag, SessionRecord, as_row
 from sink.store import (
     BLOCK_ROWS,
     MIGRATIONS,
@@ -23,6 +23,9 @@ from sink.store import (
     SQLiteReader,
     SQLiteWriter,
     StoreError,
+    _block_meta,
+    _encode_block,
+    _insert_block,
     canonical_ip,
     migrate,
     open_reader,
@@ -209,25 +212,23 @@ def test_migration_from_version_1_keeps_and_backfills_data(tmp_path: Path):
 
 
 def test_migration_from_the_previous_schema(tmp_path: Path):
+    # Schema 5 blocks hold every column in full; they stay readable beside new ones.
     previous = MIGRATIONS[-2][0]
     conn = sqlite3.connect(store_path(tmp_path), isolation_level=None)
     assert migrate(conn, target=previous) == previous
-    conn.execute(_V1_SESSION, (99.0, 100.0, "198.51.100.1"))
-    conn.execute("INSERT INTO ips (ip, first_seen, last_seen, sessions, messages, recipients, "
-                 "bytes, helo, flags) VALUES ('192.0.2.1', 99, 100, 1, 1, 2, 250, 'h', 1)")
-    conn.execute("INSERT INTO ip_locals VALUES ('192.0.2.1', '198.51.100.1')")
-    conn.execute("UPDATE totals SET sessions = 1, messages = 1, recipients = 2, bytes = 250")
+    old = [as_row(session("192.0.2.1", end=100.0 + i)) for i in range(3)]
+    blob = _encode_block(list(zip(*old, strict=True)), same=frozenset())
+    assert all(type(column) is tuple for column in pickle.loads(blob)[1])  # as schema 5 wrote
+    _insert_block(conn, _block_meta(old), blob, {"192.0.2.1"})
     conn.close()
     writer = open_writer(tmp_path)
-    newer = session("192.0.2.1", end=300.0)
-    newer.waited = 2.5
-    writer.write([newer])
+    writer.write([session("192.0.2.1", end=300.0 + i) for i in range(3)])
     writer.close()
-    reader = open_reader(tmp_path)
-    found = reader.ip("192.0.2.1")
-    assert [s["waited"] for s in found["recent_sessions"]] == [2.5, 0.0]
-    assert found["row"][3] == 2 and found["row"][9] == 1
-    assert reader.stats(400.0)["totals"]["sessions"] == 2
+    found = open_reader(tmp_path).sessions(SessionFilter(ip="192.0.2.1"))
+    assert [s["end"] for s in found] == [302.0, 301.0, 300.0, 102.0, 101.0, 100.0]
+    assert {(s["helo"], s["local_ip"], s["messages"]) for s in found} == {
+        ("bot.example", "198.51.100.1", 1)}
+    assert all(s["mail_from"] == ["spam@example.net"] for s in found)
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path):

@@ -1,0 +1,115 @@
+"""The session block format: repeated columns stored once, folded from one value."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sink.record import EndReason, Flag, SessionRecord, as_row
+from sink.store import (
+    BLOCK_ROWS,
+    SESSION_FIELDS,
+    StoreError,
+    _decode_block,
+    _encode_block,
+    _fold,
+    _repeated,
+)
+
+
+def flood(count: int, *, ip: str = "192.0.2.7") -> list[tuple]:
+    """``count`` sessions of one bot: only the times and the client port differ."""
+    rows = []
+    for i in range(count):
+        record = SessionRecord(start=1_800_000_000.0 + i, client_ip=ip, client_port=40000 + i,
+                               local_ip="198.51.100.1", local_port=25, persona="postfix")
+        record.end = record.start + 0.5
+        record.helo = "bot.example"
+        record.mail_from = ("spam@example.net",)
+        record.recipients = record.messages = 1
+        record.first_recipients = ("victim@example.org",)
+        record.bytes, record.commands = 1200, 6
+        record.end_reason = EndReason.QUIT
+        record.last_stage = "quit"
+        rows.append(as_row(record))
+    return rows
+
+
+def test_a_flood_block_stores_each_repeated_column_once():
+    rows = flood(1000)
+    columns = list(zip(*rows, strict=True))
+    same = _repeated(columns)
+    varying = {SESSION_FIELDS.index(name) for name in ("start", "end", "client_port")}
+    assert same == frozenset(range(len(SESSION_FIELDS))) - varying
+    squeezed, full = _encode_block(columns), _encode_block(columns, same=frozenset())
+    assert len(squeezed) * 3 < len(full)
+    stored = pickle.loads(squeezed)[1]
+    assert stored[SESSION_FIELDS.index("persona")] == ["postfix", 1000]
+    expected = [tuple(str(v) if isinstance(v, EndReason) else v for v in row) for row in rows]
+    assert _decode_block(squeezed) == _decode_block(full) == expected
+
+
+def test_one_session_is_stored_in_full():
+    columns = list(zip(*flood(1), strict=True))
+    assert _repeated(columns) == frozenset()
+    assert all(type(c) is tuple for c in pickle.loads(_encode_block(columns))[1])
+
+
+@pytest.mark.parametrize("column", [["x", 0], ["x", BLOCK_ROWS + 1], ["x", "3"], ["x", 2.0],
+                                    ["x"], {"x": 1}])
+def test_a_damaged_repeated_column_is_refused(column):
+    columns = [(v,) for v in flood(1)[0]]
+    columns[SESSION_FIELDS.index("helo")] = column
+    with pytest.raises(StoreError, match="damaged"):
+        _decode_block(pickle.dumps((SESSION_FIELDS, tuple(columns), ()), 5))
+
+
+@pytest.mark.parametrize("dead", [(5,), (-9,), ("0",)])
+def test_damaged_positions_and_lengths_are_refused(dead):
+    columns = list(zip(*flood(3), strict=True))
+    with pytest.raises(StoreError, match="damaged"):
+        _decode_block(pickle.dumps((SESSION_FIELDS, tuple(columns), dead), 5))
+    columns[0] = columns[0][:2]
+    with pytest.raises(StoreError, match="damaged"):
+        _decode_block(pickle.dumps((SESSION_FIELDS, tuple(columns), ()), 5))
+
+
+_IPS = st.sampled_from(["192.0.2.1", "::ffff:192.0.2.1", "2001:db8::1", "192.0.2.9"])
+_SESSION = st.fixed_dictionaries({
+    "client_ip": _IPS,
+    "local_ip": st.sampled_from(["198.51.100.1", "::ffff:198.51.100.1"]),
+    "end": st.sampled_from([1_800_000_000.0, 1_800_000_030.0, 1_800_000_900.0]),
+    "helo": st.sampled_from(["", "bot.example", "other.example"]),
+    "messages": st.integers(0, 3),
+    "bytes": st.integers(0, 5000),
+    "recipients": st.integers(0, 2),
+    "held": st.sampled_from([0.0, 1.5]),
+    "segments_in": st.integers(0, 9),
+    "flags": st.sampled_from([0, int(Flag.TARPITTED), int(Flag.PREGREET | Flag.BARE_LF)]),
+})
+
+
+def _row(fields: dict) -> tuple:
+    record = SessionRecord(start=fields["end"] - 1.0, client_ip=fields["client_ip"],
+                           client_port=40000, local_ip=fields["local_ip"], local_port=25,
+                           persona="postfix")
+    for name in ("end", "helo", "messages", "bytes", "recipients", "held", "segments_in",
+                 "flags"):
+        setattr(record, name, fields[name])
+    return as_row(record)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_SESSION, min_size=1, max_size=12), st.booleans())
+def test_folding_from_repeated_values_equals_folding_every_session(sessions, repeat):
+    rows = [_row(s) for s in (sessions * 3 if repeat else sessions)]
+    columns = list(zip(*rows, strict=True))
+    same = _repeated(columns)
+    fast, slow = list(columns), list(columns)
+    assert _fold(fast, same) == _fold(slow, frozenset())
+    assert fast == slow  # the same IPv4-mapped addresses made plain
+    assert _decode_block(_encode_block(fast, same=same)) == _decode_block(
+        _encode_block(slow, same=frozenset()))
