@@ -19,6 +19,7 @@ from sink import __version__
 from sink.argtypes import positive_int
 from sink.export import FORMATS, family_rows, render, sender_item
 from sink.query import BadParameter, ip_query, iso
+from sink.smtp import printable
 from sink.store import SORTS, StoreError, open_reader
 
 
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
 
 def _table(chunks: Iterator[list[tuple]], limit: int | None, out: TextIO) -> None:
+    """The senders as a table for a terminal: the HELO (the one text a client chose)
+    has its control characters (C0, DEL, C1, as any non-printable) shown as ``?``,
+    as the SMTP side echoes them, so no escape sequence reaches the terminal."""
     columns = ("ip", "last_seen", "sessions", "messages", "recipients", "bytes", "flags", "helo")
     out.write(f"{columns[0]:<39} {columns[1]:<24} {columns[2]:>8} {columns[3]:>8} "
               f"{columns[4]:>10} {columns[5]:>12}  {columns[6]:<20} {columns[7]}\n")
@@ -103,5 +107,5 @@ def _table(chunks: Iterator[list[tuple]], limit: int | None, out: TextIO) -> Non
             item = sender_item(row)
             out.write(f"{item['ip']:<39} {item['last_seen']:<24} {item['sessions']:>8} "
                       f"{item['messages']:>8} {item['recipients']:>10} {item['bytes']:>12}  "
-                      f"{','.join(item['flags']) or '-':<20} {item['helo']}\n")
+                      f"{','.join(item['flags']) or '-':<20} {printable(item['helo'])}\n")
             shown += 1

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from sink.cli import main
+from sink.store import open_writer
 from tests.support import free_port, need_root, need_tool
 from tests.test_api import populate
+from tests.test_store import session
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -146,3 +148,21 @@ def test_rbldnsd_serves_the_export(tmp_path: Path, capsys):
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(zone_dir)
+
+
+HOSTILE_HELO = "\x1b]0;owned\x07\x1b[2J\x9b31m\x7fend"
+
+
+def test_table_escapes_control_characters_in_helo(tmp_path: Path, capsys):
+    """A HELO holding terminal escapes (C0, DEL, C1) never reaches the terminal raw in
+    the table; the machine formats keep the stored value."""
+    writer = open_writer(tmp_path)
+    writer.write([session("192.0.2.9", helo=HOSTILE_HELO)])
+    writer.close()
+    code, out, _ = run(capsys, "--data", str(tmp_path))
+    assert code == 0
+    row = out.splitlines()[1]
+    assert row.endswith(" ?]0;owned??[2J?31m?end")
+    assert not any(c in out for c in "\x1b\x07\x9b\x7f")
+    items = json.loads(run(capsys, "--data", str(tmp_path), "--format", "json")[1])
+    assert items[0]["helo"] == HOSTILE_HELO
