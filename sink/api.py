@@ -169,6 +169,17 @@ def check_exposure(host: str, port: int, token: str | None) -> None:
                      f"--api-token or --api-token-file, or listen on 127.0.0.1")
 
 
+def token_matches(header: str, token: str) -> bool:
+    """True when the ``Authorization`` value ``header`` is ``Bearer TOKEN``: the scheme in
+    any case (RFC 7235), the token compared in constant time. Never raises: a value
+    that was not UTF-8 (aiohttp hands its bytes over as lone surrogates) is encoded
+    with ``surrogatepass``, which no UTF-8 token can equal."""
+    scheme, _, credentials = header.partition(" ")
+    given = credentials.strip(" ").encode("utf-8", "surrogatepass")
+    same = hmac.compare_digest(given, token.encode())
+    return same and scheme.lower() == "bearer"
+
+
 def _error(status: int, message: str, parameter: str | None = None) -> web.Response:
     body: dict[str, str] = {"error": message}
     if parameter is not None:
@@ -204,8 +215,7 @@ class Api:
                     ) -> web.StreamResponse:
         """Token check, unknown parameters, and JSON errors for every route."""
         if self.token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            if not token_matches(request.headers.get("Authorization", ""), self.token):
                 return _error(401, "this API needs 'Authorization: Bearer <token>'",
                               "Authorization")
         elif request.method == "DELETE":

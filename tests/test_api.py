@@ -4,6 +4,8 @@ bad input, auth on and off, and the OpenAPI description kept true."""
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import sqlite3
 import time
 import urllib.error
@@ -325,6 +327,40 @@ def test_token_is_required_on_every_route(locked_api: tuple[Client, Client]):
     assert wrong.request("GET", "/api/v1/ips")[0] == 401
     assert ips_of(with_token.json("/api/v1/ips?family=6")) == ["2001:db8::5"]
     assert with_token.request("GET", "/metrics")[0] == 200
+
+
+def raw_get(base: str, path: str, authorization: bytes) -> tuple[int, bytes]:
+    """GET with an ``Authorization`` header of exactly these bytes."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Authorization: " + authorization + b"\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_a_non_utf8_token_is_a_plain_401(locked_api: tuple[Client, Client], caplog):
+    """Bytes that are not UTF-8 in the header are a wrong token: 401, nothing logged."""
+    with_token, _ = locked_api
+    caplog.set_level(logging.WARNING)
+    for header in (b"Bearer \xff\xfe", b"\xff\xfe", b"Bearer " + TOKEN.encode() + b"\xff"):
+        status, body = raw_get(with_token.base, "/api/v1/ips", header)
+        assert status == 401, body
+        assert b'"parameter": "Authorization"' in body
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_the_bearer_scheme_is_case_insensitive(locked_api: tuple[Client, Client]):
+    with_token, _ = locked_api
+    for scheme in (b"bearer", b"BEARER", b"BeArEr"):
+        status, body = raw_get(with_token.base, "/api/v1/ips", scheme + b" " + TOKEN.encode())
+        assert status == 200, (scheme, body)
+    for wrong in (b"Basic " + TOKEN.encode(), b"Bearer", b"Bearer " + TOKEN.encode()[:-1],
+                  TOKEN.encode()):
+        assert raw_get(with_token.base, "/api/v1/ips", wrong)[0] == 401, wrong
 
 
 def test_delete_forgets_a_sender_with_the_token(locked_api: tuple[Client, Client]):
