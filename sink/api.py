@@ -32,7 +32,14 @@ from typing import Any
 from aiohttp import web
 
 from sink import __version__
-from sink.export import CONTENT_TYPES, FORMATS, family_rows, render, sender_item
+from sink.export import (
+    CONTENT_TYPES,
+    FORMATS,
+    family_rows,
+    query_comment,
+    render,
+    sender_item,
+)
 from sink.metrics import exposition
 from sink.query import (
     BadParameter,
@@ -318,7 +325,7 @@ class Api:
             return family_rows(reader, query, family)
 
         header = [f"spamsink {__version__} export at {iso(time.time())}",
-                  f"query: {request.query_string or '(all senders)'}"]
+                  query_comment(request.query.items())]
         chunks = render(fmt, rows, header)
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPES[fmt]})
         await response.prepare(request)

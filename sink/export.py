@@ -22,11 +22,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from urllib.parse import quote, urlencode
 
 from sink.query import IpQuery, iso
 from sink.record import Flag
+from sink.smtp import printable
 from sink.store import IP_COLUMNS, StoreReader
 
 FORMATS = ("txt", "csv", "json", "rbldnsd", "nft")
@@ -67,8 +69,17 @@ def render(fmt: str, rows: Rows, header: list[str]) -> Iterator[str]:
     return _RENDERERS[fmt](rows, header)
 
 
+def query_comment(pairs: Iterable[tuple[str, str]]) -> str:
+    """The header line naming a query: its parameters URL-encoded again, so no line
+    break or other control character a client sent can leave the comment."""
+    encoded = urlencode(list(pairs), quote_via=quote, errors="surrogatepass")
+    return f"query: {encoded or '(all senders)'}"
+
+
 def _comments(lines: list[str]) -> str:
-    return "".join(f"# {line}\n" for line in lines)
+    """``lines`` as ``#`` comments; a control character in one (a data directory's
+    name, say) is shown as ``?`` so every line stays a comment."""
+    return "".join(f"# {printable(line)}\n" for line in lines)
 
 
 def _txt(rows: Rows, header: list[str]) -> Iterator[str]:

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from sink import __version__
 from sink.argtypes import positive_int
-from sink.export import FORMATS, family_rows, render, sender_item
+from sink.export import FORMATS, family_rows, query_comment, render, sender_item
 from sink.query import BadParameter, ip_query, iso
 from sink.smtp import printable
 from sink.store import SORTS, StoreError, open_reader
@@ -81,9 +81,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         if args.format == "table":
             _table(rows(None), args.limit, out)
         else:
-            filters = " ".join(f"{k}={','.join(v)}" for k, v in get.items())
             header = [f"spamsink {__version__} ips at {iso(time.time())} from {reader.path}",
-                      f"query: {filters}"]
+                      query_comment((k, v) for k, values in get.items() for v in values)]
             for chunk in render(args.format, rows, header):
                 out.write(chunk)
         out.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -9,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -87,20 +89,32 @@ def test_missing_store_says_where_it_looked(tmp_path: Path, capsys):
     assert "no store at" in err and "spamsink serve --data" in err
 
 
-def test_nft_export_loads_into_a_real_ruleset(tmp_path: Path, capsys):
-    """`spamsink ips --format nft` is a set nftables loads (in a namespace of our own)."""
+@contextlib.contextmanager
+def nft_namespace() -> Iterator[Callable[..., str]]:
+    """``nft ARGS`` run in a network namespace of our own (deleted after); skips without
+    root or nft. The callable fails the test with nft's message when nft refuses."""
     need_root()
     nft = need_tool("nft")
     ip = need_tool("ip")
-    populate(tmp_path)
-    script = tmp_path / "senders.nft"
-    script.write_text(run(capsys, "--data", str(tmp_path), "--format", "nft")[1])
     namespace = f"rec4-{os.getpid()}"
     subprocess.run([ip, "netns", "add", namespace], check=True)
     try:
         def in_ns(*args: str) -> str:
-            return subprocess.run([ip, "netns", "exec", namespace, nft, *args], check=True,
-                                  capture_output=True, text=True).stdout
+            done = subprocess.run([ip, "netns", "exec", namespace, nft, *args],
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, f"nft {' '.join(args)}: {done.stderr}"
+            return done.stdout
+        yield in_ns
+    finally:
+        subprocess.run([ip, "netns", "delete", namespace], check=False)
+
+
+def test_nft_export_loads_into_a_real_ruleset(tmp_path: Path, capsys):
+    """`spamsink ips --format nft` is a set nftables loads (in a namespace of our own)."""
+    populate(tmp_path)
+    script = tmp_path / "senders.nft"
+    with nft_namespace() as in_ns:
+        script.write_text(run(capsys, "--data", str(tmp_path), "--format", "nft")[1])
         in_ns("-f", str(script))
         in_ns("-f", str(script))  # reloading replaces, never fails or duplicates
         listed = in_ns("list", "set", "inet", "spamsink", "senders_v4")
@@ -111,8 +125,24 @@ def test_nft_export_loads_into_a_real_ruleset(tmp_path: Path, capsys):
         in_ns("add", "chain", "inet", "spamsink", "input",
               "{ type filter hook input priority 0 ; }")
         in_ns("add", "rule", "inet", "spamsink", "input", "ip", "saddr", "@senders_v4", "drop")
-    finally:
-        subprocess.run([ip, "netns", "delete", namespace], check=False)
+
+
+def test_header_comment_holds_no_line_break(tmp_path: Path, capsys):
+    """Filters and the store path with line breaks stay inside the header comment, so
+    every line of an nft or rbldnsd export is a comment or an entry."""
+    data = tmp_path / "odd\ndir"
+    populate(data)
+    for fmt in ("txt", "rbldnsd", "nft"):
+        out = run(capsys, "--data", str(data), "--format", fmt, "--since", "\n1\n")[1]
+        assert "since=%0A1%0A" in out
+        lines = out.splitlines()
+        assert not [x for x in lines if x.strip() in ("1", "dir")], (fmt, out)
+        assert not any(c in out for c in "\r\x0b\x0c\x1b"), fmt
+    with nft_namespace() as in_ns:
+        script = tmp_path / "senders.nft"
+        script.write_text(run(capsys, "--data", str(data), "--format", "nft",
+                              "--since", "\n1\n")[1])
+        in_ns("-c", "-f", str(script))
 
 
 def test_rbldnsd_serves_the_export(tmp_path: Path, capsys):
