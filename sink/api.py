@@ -253,8 +253,7 @@ class Api:
         limit = _limit(get)
         after = None
         if "cursor" in get:
-            value, ip = decode_cursor("cursor", get["cursor"][-1], ((int, float), str))
-            after = (value, ip)
+            after = _ips_cursor(get["cursor"][-1], query.sort)
         rows = await self._run(self.reader.ips, query.filter, query.sort, limit + 1, after)
         next_cursor = None
         if len(rows) > limit:
@@ -262,7 +261,7 @@ class Api:
             last = rows[-1]
             key = last[IP_COLUMNS.index("last_seen" if query.sort == "last_seen"
                                         else "messages")]
-            next_cursor = encode_cursor(key, last[0])
+            next_cursor = encode_cursor(query.sort, key, last[0])
         return web.json_response({"items": [sender_item(r) for r in rows],
                                   "next_cursor": next_cursor})
 
@@ -368,6 +367,18 @@ _ROUTE_PARAMS = {(r.method, r.path): r.params for r in ROUTES}
 
 def _multi(request: web.Request) -> dict[str, list[str]]:
     return {name: request.query.getall(name) for name in request.query}
+
+
+def _ips_cursor(text: str, sort: str) -> tuple[int | float, str]:
+    """The (sort key, address) a ``/ips`` cursor continues after; ``BadParameter`` when
+    it was made for the other sort (volume keys are message counts, last_seen keys
+    times: one read as the other would skip or repeat senders)."""
+    made_for, key, ip = decode_cursor("cursor", text, (str, (int, float), str))
+    if made_for != sort:
+        raise BadParameter("cursor", f"this cursor continues sort={made_for}, not sort={sort}")
+    if sort == "volume" and not isinstance(key, int):
+        raise BadParameter("cursor", "not a cursor this API returned")
+    return key, ip
 
 
 def _limit(get: dict[str, list[str]]) -> int:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,15 +32,20 @@ class BadParameter(ValueError):
 
 def parse_time(name: str, text: str, now: float | None = None) -> float:
     """Unix seconds (``1764150000``), ISO 8601 (``2026-11-26T10:00:00Z``; no zone means
-    UTC) or an age (``90s``, ``30m``, ``24h``, ``7d``, ``2w``: that long before now)."""
+    UTC) or an age (``90s``, ``30m``, ``24h``, ``7d``, ``2w``: that long before now).
+    Always finite: ``nan``, ``inf`` and numbers beyond a float (``1e400``) are refused."""
     text = text.strip()
     unit = _UNITS.get(text[-1:].lower()) if text[:-1].replace(".", "", 1).isdigit() else None
+    number: float | None = None
     if unit is not None:
-        return (time.time() if now is None else now) - float(text[:-1]) * unit
-    try:
-        return float(text)
-    except ValueError:
-        pass
+        number = (time.time() if now is None else now) - float(text[:-1]) * unit
+    else:
+        with contextlib.suppress(ValueError):
+            number = float(text)
+    if number is not None:
+        if not math.isfinite(number):
+            raise BadParameter(name, f"not a finite time: {text!r}")
+        return number
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -96,18 +103,24 @@ def encode_cursor(*values: object) -> str:
 
 
 def decode_cursor(name: str, text: str, shape: tuple[type, ...]) -> tuple:
-    """The values of a cursor made by :func:`encode_cursor`, checked against ``shape``."""
+    """The values of a cursor made by :func:`encode_cursor`, checked against ``shape``
+    (a type or tuple of types per value); numbers are finite and fit in 64 bits."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        values = json.loads(raw)
+        values = json.loads(raw, parse_constant=_no_constant)
     except (binascii.Error, ValueError):
         raise BadParameter(name, "not a cursor this API returned") from None
     if (not isinstance(values, list) or len(values) != len(shape)
             or not all(isinstance(v, t) and not isinstance(v, bool)
                        and (not isinstance(v, int) or abs(v) < 2**63)
+                       and (not isinstance(v, float) or math.isfinite(v))
                        for v, t in zip(values, shape, strict=True))):
         raise BadParameter(name, "not a cursor this API returned")
     return tuple(values)
+
+
+def _no_constant(word: str) -> float:
+    raise ValueError(f"{word} in a cursor")
 
 
 @dataclass(frozen=True, slots=True)

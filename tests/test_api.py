@@ -3,6 +3,7 @@ bad input, auth on and off, and the OpenAPI description kept true."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import socket
@@ -17,7 +18,7 @@ import pytest
 
 from sink.api import ROUTES, Api, ApiServer, ApiThread, check_exposure, openapi, read_token
 from sink.metrics import SinkMetrics, exposition
-from sink.query import encode_cursor
+from sink.query import BadParameter, decode_cursor, encode_cursor
 from sink.record import Flag, as_row
 from sink.store import NETDROP_FILE, open_reader, open_writer
 from tests.support import free_port
@@ -172,7 +173,19 @@ def test_ips_pages_with_a_cursor(open_api: Client):
     ("/api/v1/ips?cursor=WzEsMl0", "cursor"),  # [1,2]: well-formed, wrong shape
     ("/api/v1/ips?family=5", "family"),
     ("/api/v1/ips?min_messages=99999999999999999999999", "min_messages"),
-    (f"/api/v1/ips?cursor={encode_cursor(10**30, '1')}", "cursor"),
+    (f"/api/v1/ips?cursor={encode_cursor('last_seen', 10**30, '1')}", "cursor"),
+    (f"/api/v1/ips?cursor={encode_cursor('last_seen', float('nan'), '1')}", "cursor"),
+    ("/api/v1/ips?cursor=WyJsYXN0X3NlZW4iLDFlNDAwLCIxIl0", "cursor"),  # ["last_seen",1e400,"1"]
+    (f"/api/v1/ips?sort=volume&cursor={encode_cursor('volume', 1.5, '1')}", "cursor"),
+    ("/api/v1/ips?since=nan", "since"),
+    ("/api/v1/ips?since=inf", "since"),
+    ("/api/v1/ips?until=-inf", "until"),
+    ("/api/v1/ips?until=1e400", "until"),
+    ("/api/v1/ips?since=-Infinity", "since"),
+    (f"/api/v1/ips?since={'9' * 400}d", "since"),
+    ("/api/v1/sessions?since=NaN", "since"),
+    ("/api/v1/sessions?until=inf", "until"),
+    ("/api/v1/export?since=1e400", "since"),
     ("/api/v1/ips?min_message=3", "min_message"),
     ("/api/v1/ips/not-an-ip", "ip"),
     ("/api/v1/ips/192.0.2.1?sessions=5000", "sessions"),
@@ -186,6 +199,24 @@ def test_bad_parameters_get_400_naming_them(open_api: Client, path: str, paramet
     body = open_api.json(path, status=400)
     assert body["parameter"] == parameter
     assert body["error"]
+
+
+@pytest.mark.parametrize("raw", [b'[NaN,"1"]', b'[Infinity,"1"]', b'[-Infinity,"1"]',
+                                 b'[1e400,"1"]'])
+def test_a_cursor_holds_only_finite_numbers(raw: bytes):
+    text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    with pytest.raises(BadParameter, match="cursor: not a cursor"):
+        decode_cursor("cursor", text, ((int, float), str))
+    assert decode_cursor("cursor", encode_cursor(1.5, "1"), ((int, float), str)) == (1.5, "1")
+
+
+@pytest.mark.parametrize(("made_for", "used_with"), [("volume", "last_seen"),
+                                                     ("last_seen", "volume")])
+def test_a_cursor_only_continues_its_own_sort(open_api: Client, made_for: str, used_with: str):
+    cursor = open_api.json(f"/api/v1/ips?limit=2&sort={made_for}")["next_cursor"]
+    assert open_api.json(f"/api/v1/ips?limit=2&sort={made_for}&cursor={cursor}")["items"]
+    body = open_api.json(f"/api/v1/ips?limit=2&sort={used_with}&cursor={cursor}", status=400)
+    assert body["parameter"] == "cursor" and f"sort={made_for}" in body["error"]
 
 
 def test_one_sender_with_sessions_and_netdrop_counts(open_api: Client, tmp_path: Path):
@@ -288,7 +319,9 @@ def test_openapi_describes_exactly_the_routes_served(open_api: Client):
 
 def _example(path: str, param: dict) -> str:
     if param["name"] == "cursor":  # as the route itself makes them
-        return encode_cursor(10**9) if path.endswith("sessions") else encode_cursor(1, "1")
+        if path.endswith("sessions"):
+            return encode_cursor(10**9)
+        return encode_cursor("last_seen", 1, "1")
     schema = param["schema"]
     if "default" in schema:
         return str(schema["default"])
