@@ -172,6 +172,11 @@ class BatchSums(NamedTuple):
         return cls(*map(sum, columns)) if columns else cls(0, 0, 0, 0, 0.0, 0, 0)
 
 
+class StoreBusy(Exception):
+    """A store's ``write`` could not take its lock in time (another writer held it):
+    nothing was written, and the same write may succeed later."""
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedBatch:
     """Rows made ready for a store by its ``prepare``: the batch's sums
@@ -200,8 +205,12 @@ class Recorder:
     or being written hold ``capacity`` records, the next batch is dropped instead,
     counted in ``dropped``, and a warning is logged at most once per ``warn_interval``
     seconds. ``close`` writes everything
-    still queued and stops the thread. A failing prepare or write is logged, its
-    records counted in ``failed``, and recording carries on. ``on_tick`` runs in the
+    still queued and stops the thread. A write that raises :class:`StoreBusy` is kept
+    and tried again, first in the next write (its records count towards ``depth`` and
+    the capacity meanwhile; a warning is logged at most once per ``warn_interval``);
+    at ``close`` it is tried once more and then counted in ``failed``. Any other failing
+    prepare or write is logged, its records counted in ``failed``, and recording carries
+    on. ``on_tick`` runs in the
     writer thread after every wake-up (metrics sampling, retention); ``on_batch`` after
     every write with the batches written and the seconds the write took.
     """
@@ -222,6 +231,9 @@ class Recorder:
         # each counter has one writer, so no lock is needed.
         self._readied = 0
         self._taken = 0
+        # A write the store was too busy to take, kept by the writer thread for its next.
+        self._retry: list[PreparedBatch] = []
+        self._retrying = 0
         self.capacity = max(capacity, batch)  # else every full batch would be dropped
         self.batch = batch
         self.interval = interval
@@ -235,6 +247,7 @@ class Recorder:
         self._failed_prepares = 0
         self._failed_writes = 0
         self._last_warning = -math.inf
+        self._last_busy_warning = -math.inf
         self._wake = threading.Event()
         self._stop = threading.Event()  # set by close()
         self._last_write = -math.inf
@@ -253,7 +266,7 @@ class Recorder:
     @property
     def depth(self) -> int:
         """Records waiting to be written."""
-        return len(self._rows) + self._readied - self._taken
+        return len(self._rows) + self._readied - self._taken + self._retrying
 
     def submit(self, record: SessionRecord) -> None:
         """Queue ``record`` for writing; never blocks, never raises."""
@@ -268,7 +281,7 @@ class Recorder:
         rows = self._take(self.batch)
         if not rows:
             return  # the writer took them first
-        if self._readied - self._taken + len(rows) > self.capacity:
+        if self._readied - self._taken + self._retrying + len(rows) > self.capacity:
             self._drop(len(rows))
             return
         try:
@@ -308,7 +321,7 @@ class Recorder:
         if self._thread.is_alive():
             self._thread.join(timeout)
         elif self._thread.ident is None:  # never started: write here
-            self._drain(leftovers=True)
+            self._drain(leftovers=True, stopping=True)
 
     def _run(self) -> None:
         while True:
@@ -320,7 +333,7 @@ class Recorder:
             stopping = self._stop.is_set()  # after the clear: a close() cannot slip between
             # Records left unprepared are taken only when ``interval`` passed without a
             # full batch (or at close): after a hand-over they are the next batch.
-            self._drain(leftovers=stopping or not woken)
+            self._drain(leftovers=stopping or not woken, stopping=stopping)
             if self.on_tick is not None:
                 try:
                     self.on_tick()
@@ -329,19 +342,22 @@ class Recorder:
             if stopping:
                 return
 
-    def _drain(self, leftovers: bool) -> None:
-        """Write the prepared batches and, with ``leftovers``, the rows not yet
-        prepared (those queued when the wake-up came: a busy submitter cannot keep the
-        writer here), in one write."""
+    def _drain(self, leftovers: bool, stopping: bool = False) -> None:
+        """Write a write kept from a busy store, the prepared batches and, with
+        ``leftovers``, the rows not yet prepared (those queued when the wake-up came: a
+        busy submitter cannot keep the writer here), in one write; ``stopping``: the
+        last one."""
         ready = self._ready
-        batches: list[PreparedBatch] = []
+        batches, self._retry = self._retry, []
+        fresh: list[PreparedBatch] = []
         while ready:
-            batches.append(ready.popleft())
-        taken = sum(prepared.sums.sessions for prepared in batches)
+            fresh.append(ready.popleft())
+        taken = sum(prepared.sums.sessions for prepared in fresh)
+        batches += fresh
         if leftovers:
             batches += self._prepare_leftovers()
         try:
-            self._write_batches(batches)
+            self._write_batches(batches, last_try=stopping)
         finally:
             self._taken += taken  # out of ``depth`` (and the capacity) once written or lost
 
@@ -361,8 +377,9 @@ class Recorder:
                 log.exception("could not prepare %d session records", len(rows))
         return prepared
 
-    def _write_batches(self, batches: list[PreparedBatch]) -> None:
-        """One ``write`` of ``batches``; counts them written or failed, then ``on_batch``."""
+    def _write_batches(self, batches: list[PreparedBatch], last_try: bool = False) -> None:
+        """One ``write`` of ``batches``; counts them written or failed, then ``on_batch``.
+        A busy store's write is kept for the next (unless ``last_try``)."""
         if not batches:
             return
         sessions = sum(prepared.sums.sessions for prepared in batches)
@@ -370,10 +387,25 @@ class Recorder:
         self._last_write = time.monotonic()
         try:
             self._write(batches)
+        except StoreBusy as exc:
+            if last_try:
+                self._retrying = 0
+                self._failed_writes += sessions
+                log.error("could not write %d session records at shutdown: %s", sessions, exc)
+                return
+            self._retry = batches
+            self._retrying = sessions  # before ``_drain`` counts the fresh ones taken
+            now = time.monotonic()
+            if now - self._last_busy_warning >= self.warn_interval:
+                self._last_busy_warning = now
+                log.warning("%s; %d session records kept for the next write", exc, sessions)
+            return
         except Exception:
+            self._retrying = 0
             self._failed_writes += sessions
             log.exception("could not write %d session records", sessions)
             return
+        self._retrying = 0
         self.written += sessions
         if self.on_batch is not None:
             try:

@@ -58,6 +58,7 @@ from sink.record import (
     PreparedBatch,
     Row,
     SessionRecord,
+    StoreBusy,
     as_row,
 )
 
@@ -332,6 +333,8 @@ _LIST_FIELDS = tuple(SESSION_FIELDS.index(n) for n in ("mail_from", "first_recip
 #: Sessions per block at most, and the bits of a session id that are its position.
 BLOCK_ROWS = 4096
 ID_SHIFT = 12
+#: Blocks rewritten per transaction when a sender is deleted (about 10 ms each when full).
+DELETE_CHUNK = 16
 
 
 def canonical_ip(text: str) -> str:
@@ -382,7 +385,9 @@ class StoreReader(abc.ABC):
 
     @abc.abstractmethod
     def iter_ips(self, flt: IpFilter, sort: str = "last_seen") -> Iterator[list[tuple]]:
-        """Every aggregate matching ``flt`` as chunks of rows, in bounded memory."""
+        """Every aggregate matching ``flt`` as chunks of rows, in bounded memory: the
+        rows as they were when the iteration started, without holding the store's
+        writer back however slowly the chunks are taken."""
 
     @abc.abstractmethod
     def ip(self, ip: str, sessions: int = 20) -> dict[str, object] | None:
@@ -802,8 +807,15 @@ class SQLiteWriter(StoreWriter):
         return PreparedBatch(BatchSums.total(block.sums for block in blocks), blocks)
 
     def write_prepared(self, batches: Sequence[PreparedBatch]) -> None:
+        """Raises :class:`~sink.record.StoreBusy` when another connection held the write
+        lock for ``BUSY_TIMEOUT_MS`` (nothing written: the same write may be retried)."""
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise StoreBusy(f"the store is locked by another writer: {exc}") from None
+            raise
         try:
             for batch in batches:
                 for block in cast(list[_Block], batch.payload):
@@ -898,15 +910,22 @@ class SQLiteReader(StoreReader):
                  chunk: int = 2000) -> Iterator[list[tuple]]:
         column = _SORT_COLUMN[sort]
         where, params = flt.where()
-        sql = (f"SELECT {', '.join(IP_COLUMNS)} FROM ips WHERE {where} "
-               f"ORDER BY {column} DESC, ip DESC")
+        columns = ", ".join(IP_COLUMNS)
         conn = self._open()
         try:
-            conn.execute("BEGIN")  # one snapshot for the whole export
-            cursor = conn.execute(sql, params)
+            # One consistent copy of the matching rows, in order, taken in one statement
+            # into a temporary table on disk; the export then streams from the copy. So
+            # a slow or stalled client holds no snapshot of the store, which would keep
+            # every later write in the WAL (no checkpoint can pass a reader) for as long
+            # as it stalls. The copy is the only write this connection may make.
+            conn.execute("PRAGMA temp_store = FILE")
+            conn.execute("PRAGMA query_only = 0")
+            conn.execute(f"CREATE TEMP TABLE export AS SELECT {columns} FROM ips WHERE {where} "
+                         f"ORDER BY {column} DESC, ip DESC", params)
+            conn.execute("PRAGMA query_only = 1")
+            cursor = conn.execute(f"SELECT {columns} FROM temp.export ORDER BY rowid")
             while rows := cursor.fetchmany(chunk):
                 yield rows
-            conn.execute("COMMIT")
         finally:
             conn.close()
 
@@ -1011,25 +1030,50 @@ class SQLiteReader(StoreReader):
         return {"totals": totals, "rates": rates, "cost": cost,
                 "top_senders": top_rows}
 
-    def delete_ip(self, ip: str) -> bool:
+    def delete_ip(self, ip: str, chunk: int = DELETE_CHUNK, pause: float = 0.05) -> bool:
+        """Blocks are rewritten ``chunk`` at a time, one transaction each, with ``pause``
+        seconds between: a sender in thousands of blocks takes seconds to forget, and
+        the recorder (which waits ``BUSY_TIMEOUT_MS`` at most for the write lock) must
+        get in between. The aggregate goes in the last transaction, with the last of
+        the blocks: until then the sender is listed, with fewer sessions, and a delete
+        that was interrupted can be repeated."""
         conn = _connect(self.path, create=False)
+        mine = lambda row: row[_IP] == ip  # noqa: E731
+        found = False
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute("SELECT sessions, messages, recipients, bytes FROM ips "
-                               "WHERE ip = ?", (ip,)).fetchone()
-            if row is not None:
-                conn.execute("UPDATE totals SET sessions = sessions - ?, messages = messages - ?,"
-                             " recipients = recipients - ?, bytes = bytes - ?", row)
-                conn.execute("DELETE FROM ips WHERE ip = ?", (ip,))
-                conn.execute("DELETE FROM ip_locals WHERE ip = ?", (ip,))
-                mine = lambda row: row[_IP] == ip  # noqa: E731
-                for (block,) in conn.execute("SELECT block FROM session_ips WHERE ip = ?",
-                                             (ip,)).fetchall():
-                    _blank_sessions(conn, block, mine)
-            conn.execute("COMMIT")
+            while True:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    blocks = conn.execute("SELECT block FROM session_ips WHERE ip = ? "
+                                          "ORDER BY block LIMIT ?", (ip, chunk)).fetchall()
+                    for (block,) in blocks:
+                        _blank_sessions(conn, block, mine)
+                    found = found or bool(blocks)
+                    last = len(blocks) < chunk
+                    if last:
+                        found = self._delete_aggregate(conn, ip) or found
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                if last:
+                    return found
+                time.sleep(pause)
         finally:
             conn.close()
-        return row is not None
+
+    @staticmethod
+    def _delete_aggregate(conn: sqlite3.Connection, ip: str) -> bool:
+        """Delete ``ip``'s aggregate and take it out of the totals; ``False`` if none."""
+        row = conn.execute("SELECT sessions, messages, recipients, bytes FROM ips "
+                           "WHERE ip = ?", (ip,)).fetchone()
+        if row is None:
+            return False
+        conn.execute("UPDATE totals SET sessions = sessions - ?, messages = messages - ?,"
+                     " recipients = recipients - ?, bytes = bytes - ?", row)
+        conn.execute("DELETE FROM ips WHERE ip = ?", (ip,))
+        conn.execute("DELETE FROM ip_locals WHERE ip = ?", (ip,))
+        return True
 
 
 def _find_sessions(conn: sqlite3.Connection, flt: SessionFilter, limit: int,

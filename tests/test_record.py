@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sink.record import ROW_FIELDS, BatchSums, PreparedBatch, Recorder, SessionRecord, as_row
+from sink.record import (
+    ROW_FIELDS,
+    BatchSums,
+    PreparedBatch,
+    Recorder,
+    SessionRecord,
+    StoreBusy,
+    as_row,
+)
 from sink.recording import Recording
-from sink.store import SessionFilter, open_reader
+from sink.store import SessionFilter, open_reader, open_writer, store_path
 
 
 def record(ip: str = "192.0.2.1") -> SessionRecord:
@@ -33,6 +42,7 @@ class Batches:
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
+        self.busy = 0  # the next this many writes find the store busy
 
     def prepare(self, rows: Sequence[tuple]) -> PreparedBatch:
         self.prepared_on.append(threading.current_thread().name)
@@ -44,6 +54,9 @@ class Batches:
         self.gate.wait()
         if self.fail:
             raise OSError("disk full")
+        if self.busy:
+            self.busy -= 1
+            raise StoreBusy("the store is locked by another writer")
         self.writes += 1
         self.sizes.extend(batch.sums.sessions for batch in batches)
 
@@ -187,6 +200,53 @@ def test_a_failed_write_is_counted_and_the_writer_carries_on(caplog):
     assert recorder.failed == 10
     assert batches.sizes == [1]
     assert any("could not write" in r.getMessage() for r in caplog.records)
+
+
+def test_a_busy_store_keeps_the_write_for_the_next(caplog):
+    batches = Batches()
+    batches.busy = 3
+    recorder = batches.recorder(batch=10, interval=0.05)
+    caplog.set_level(logging.WARNING, "spamsink.record")
+    for _ in range(10):
+        recorder.submit(record())
+    deadline = time.monotonic() + 5
+    while batches.busy and time.monotonic() < deadline:
+        assert recorder.depth == 10  # kept, counted, not lost
+        time.sleep(0.01)
+    for _ in range(5):
+        recorder.submit(record())
+    recorder.close()
+    assert recorder.failed == 0 and recorder.dropped == 0 and recorder.written == 15
+    assert sum(batches.sizes) == 15 and recorder.depth == 0
+    assert sum("kept for the next write" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_store_still_busy_at_close_counts_the_records_failed(caplog):
+    batches = Batches()
+    batches.busy = 1_000_000
+    recorder = batches.recorder(batch=10, interval=0.05)
+    for _ in range(12):
+        recorder.submit(record())
+    recorder.close()
+    assert recorder.failed == 12 and recorder.written == 0 and recorder.depth == 0
+
+
+def test_a_lock_held_past_the_busy_timeout_loses_no_session(tmp_path: Path):
+    writer = open_writer(tmp_path)
+    writer.conn.execute("PRAGMA busy_timeout = 100")
+    other = sqlite3.connect(store_path(tmp_path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. an operator's sqlite3 shell, or a long delete
+    recorder = Recorder(writer.prepare, writer.write_prepared, batch=10, interval=0.05).start()
+    for i in range(25):
+        recorder.submit(record(f"192.0.2.{i}"))
+    time.sleep(0.5)  # several attempts, each 0.1 s behind the lock
+    assert recorder.written == 0 and recorder.depth == 25
+    other.execute("COMMIT")
+    other.close()
+    recorder.close()
+    writer.close()
+    assert recorder.failed == 0 and recorder.written == 25
+    assert len(open_reader(tmp_path).sessions(SessionFilter(), limit=100)) == 25
 
 
 def test_recording_reaches_sqlite_and_metrics(tmp_path: Path):

@@ -1,8 +1,11 @@
-"""The session block format: repeated columns stored once, folded from one value."""
+"""The session block format (repeated columns stored once, folded from one value), and
+reads that never hold the writer back."""
 
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -12,11 +15,15 @@ from sink.record import EndReason, Flag, SessionRecord, as_row
 from sink.store import (
     BLOCK_ROWS,
     SESSION_FIELDS,
+    IpFilter,
+    SessionFilter,
     StoreError,
     _decode_block,
     _encode_block,
     _fold,
     _repeated,
+    open_reader,
+    open_writer,
 )
 
 
@@ -113,3 +120,48 @@ def test_folding_from_repeated_values_equals_folding_every_session(sessions, rep
     assert fast == slow  # the same IPv4-mapped addresses made plain
     assert _decode_block(_encode_block(fast, same=same)) == _decode_block(
         _encode_block(slow, same=frozenset()))
+
+
+def test_a_stalled_export_holds_no_snapshot_of_the_store(tmp_path):
+    writer = open_writer(tmp_path)
+    reader = open_reader(tmp_path)
+    writer.write([_record(f"10.0.{i >> 8}.{i & 255}", end=1000.0 + i) for i in range(3000)])
+    chunks = reader.iter_ips(IpFilter(), "last_seen")
+    first = next(chunks)  # a client that read a little and stopped
+    writer.write([_record("192.0.2.200", end=9000.0)])
+    busy, _, _ = writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0  # the checkpoint went through: nothing holds the WAL
+    rest = [row for rows in chunks for row in rows]
+    exported = [row[0] for row in first + rest]
+    assert len(exported) == 3000 and "192.0.2.200" not in exported  # as it was at the start
+    assert [row[2] for row in first + rest] == sorted((row[2] for row in first + rest),
+                                                      reverse=True)
+    writer.close()
+
+
+def _record(ip: str, *, end: float) -> SessionRecord:
+    record = SessionRecord(start=end - 1.0, client_ip=ip, client_port=40000,
+                           local_ip="198.51.100.1", local_port=25, persona="postfix")
+    record.end = end
+    return record
+
+
+def test_forgetting_a_sender_in_many_blocks_lets_the_writer_in(tmp_path):
+    writer = open_writer(tmp_path)
+    reader = open_reader(tmp_path)
+    for b in range(12):  # a block per write, each with both senders
+        writer.write([_record("192.0.2.1", end=1000.0 + b), _record("192.0.2.2", end=1000.5 + b)])
+    writer.conn.execute("PRAGMA busy_timeout = 1000")
+    deleting = threading.Thread(target=reader.delete_ip, args=("192.0.2.1",),
+                                kwargs={"chunk": 1, "pause": 0.25})
+    deleting.start()
+    time.sleep(0.6)
+    writer.write([_record("192.0.2.3", end=2000.0)])  # between two of the delete's chunks
+    assert deleting.is_alive()
+    deleting.join()
+    assert reader.ip("192.0.2.1") is None
+    assert reader.sessions(SessionFilter(ip="192.0.2.1")) == []
+    assert len(reader.sessions(SessionFilter(ip="192.0.2.2"))) == 12
+    assert reader.stats(3000.0)["totals"]["sessions"] == 13
+    assert not reader.delete_ip("192.0.2.1")  # unknown now
+    writer.close()
