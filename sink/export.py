@@ -6,8 +6,9 @@ for both), and yields text chunks, one per list, so memory stays bounded however
 many senders there are. Comment lines start with ``#`` in every format but JSON.
 
 * ``txt``: one address per line.
-* ``csv``: a header, then one sender per line; times ISO 8601 UTC, flags
-  space-separated.
+* ``csv``: RFC 4180 (CRLF), a header, then one sender per line; times ISO 8601 UTC,
+  flags space-separated; a text cell starting with ``= + - @``, TAB or CR gets a
+  leading ``'`` so spreadsheets do not run it as a formula (OWASP CSV injection).
 * ``json``: one JSON array of sender objects (as ``GET /api/v1/ips`` items).
 * ``rbldnsd``: an ``ip4set`` dataset answering 127.0.0.2, with the RFC 5782 test
   entry 127.0.0.2 and without 127.0.0.1 (which RFC 5782 forbids listing); IPv6
@@ -88,15 +89,29 @@ def _txt(rows: Rows, header: list[str]) -> Iterator[str]:
         yield "".join(f"{row[0]}\n" for row in chunk)
 
 
+#: What a spreadsheet may take for the start of a formula (OWASP, CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: object) -> object:
+    """``value`` for a CSV cell: text that a spreadsheet would run as a formula gets a
+    leading single quote, so it is shown as text."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv(rows: Rows, header: list[str]) -> Iterator[str]:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    # RFC 4180's CRLF: csv then also quotes a field holding a lone CR (with "\n" as the
+    # terminator Python 3.11 writes a CR unquoted, which splits the row for readers).
+    writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(IP_COLUMNS)
     for chunk in rows(None):
         for row in chunk:
             item = sender_item(row)
             item["flags"] = " ".join(item["flags"])  # type: ignore[arg-type]
-            writer.writerow(item.values())
+            writer.writerow([_csv_cell(value) for value in item.values()])
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()

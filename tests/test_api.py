@@ -4,6 +4,8 @@ bad input, auth on and off, and the OpenAPI description kept true."""
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import logging
 import socket
@@ -294,6 +296,27 @@ def test_export_formats(open_api: Client):
     nft = open_api.text("/api/v1/export?format=nft")
     assert "add element inet spamsink senders_v6 { 2001:db8::5 }" in nft
     assert "flush set inet spamsink senders_v4" in nft
+
+
+FORMULAS = ['=HYPERLINK("http://evil.example/","x")', "+1+2", "-2+3", "@SUM(1)",
+            "\tx", "\rx"]
+
+
+def test_csv_export_neutralises_formulas(open_api: Client, tmp_path: Path):
+    """OWASP CSV injection: a text cell starting with = + - @ TAB or CR gets a leading
+    single quote in the csv export, so a spreadsheet shows it instead of running it;
+    json keeps the stored value."""
+    writer = open_writer(tmp_path)
+    writer.write([session(f"203.0.113.{i}", helo=helo) for i, helo in enumerate(FORMULAS)])
+    writer.close()
+    rows = list(csv.DictReader(io.StringIO(open_api.text("/api/v1/export?format=csv"))))
+    helos = {row["ip"]: row["helo"] for row in rows}
+    assert [helos[f"203.0.113.{i}"] for i in range(len(FORMULAS))] == [
+        "'" + helo for helo in FORMULAS]
+    assert helos["192.0.2.1"] == "bot.example"
+    assert rows[0]["first_seen"].endswith("Z") and rows[0]["sessions"].isdigit()
+    items = json.loads(open_api.text("/api/v1/export?format=json"))
+    assert {i["helo"] for i in items} >= set(FORMULAS)
 
 
 def test_openapi_describes_exactly_the_routes_served(open_api: Client):
