@@ -300,6 +300,8 @@ async def _serve_forever(settings: Settings, reuse_port: bool) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if settings.worker_index is not None:
+        _watch_lifeline(loop, stop)
     sockets = bind_all(settings, reuse_port=reuse_port)
     session_log = SessionLogger()
     recording = (Recording.open(settings.data, retain=settings.retain_sessions)
@@ -364,7 +366,7 @@ def _supervise(settings: Settings) -> int:
     workers: dict[int, subprocess.Popen[bytes]] = {}
     restarts: dict[int, float] = {}
     for index in range(settings.workers):
-        workers[index] = subprocess.Popen(_worker_command(settings, index))
+        workers[index] = _start_worker(settings, index)
     log.info("supervising %d workers", settings.workers)
     while not stopping:
         time.sleep(0.2)
@@ -375,11 +377,12 @@ def _supervise(settings: Settings) -> int:
             delay = 1.0 if time.monotonic() - restarts.get(index, 0.0) < 5 else 0.0
             log.warning("worker %d exited with status %s; restarting it", index, status)
             fleet.worker_exited(proc.pid)
+            _close_lifeline(proc)
             time.sleep(delay)
             if stopping:
                 break
             restarts[index] = time.monotonic()
-            workers[index] = subprocess.Popen(_worker_command(settings, index))
+            workers[index] = _start_worker(settings, index)
     for proc in workers.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -390,8 +393,42 @@ def _supervise(settings: Settings) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        _close_lifeline(proc)
     fleet.close()
     return 0
+
+
+def _start_worker(settings: Settings, index: int) -> subprocess.Popen[bytes]:
+    """Worker ``index``, its standard input a pipe that only this supervisor holds
+    open: its *lifeline*. The pipe ends when the supervisor does, however it ends
+    (``kill -9`` too), and the worker then shuts down (:func:`_watch_lifeline`)."""
+    return subprocess.Popen(_worker_command(settings, index), stdin=subprocess.PIPE)
+
+
+def _close_lifeline(proc: subprocess.Popen[bytes]) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
+
+
+def _watch_lifeline(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """In a worker: set ``stop`` when the supervisor's end of standard input closes
+    (the supervisor is gone), so no worker keeps serving on its own."""
+    fd = sys.stdin.fileno()
+
+    def check() -> None:
+        try:
+            data = os.read(fd, 512)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.warning("the supervisor is gone: shutting down")
+            stop.set()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, check)
 
 
 def default_data_dir() -> Path:

@@ -159,6 +159,36 @@ def test_workers_share_the_port_and_are_restarted(tmp_path: Path) -> None:
         assert not status.exists() or "zombie" in status.read_text()
 
 
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    sink = SinkProcess(tmp_path / "data", ["--workers", "2", "--grace", "1"]).start()
+    try:
+        deadline = time.monotonic() + 15
+        while len(_children(sink.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(sink.proc.pid)
+        assert len(workers) == 2
+        assert _greeting(sink.host, sink.port).startswith(b"220 ")
+        os.kill(sink.proc.pid, signal.SIGKILL)  # no chance to stop them itself
+        sink.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), "orphaned workers still serve"
+        assert "the supervisor is gone: shutting down" in sink.log()
+        with pytest.raises(OSError):
+            _greeting(sink.host, sink.port)
+    finally:
+        sink.stop()
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except OSError:
+        return False
+
+
 def test_nmap_calls_it_postfix(sink: SinkProcess) -> None:
     need_root()
     nmap = need_tool("nmap")
