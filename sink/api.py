@@ -325,7 +325,7 @@ class Api:
 
         header = [f"spamsink {__version__} export at {iso(time.time())}",
                   query_comment(request.query.items())]
-        chunks = render(fmt, rows, header)
+        chunks = render(fmt, rows, header, query.filter.family)
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPES[fmt]})
         await response.prepare(request)
         try:

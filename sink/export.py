@@ -15,7 +15,8 @@ many senders there are. Comment lines start with ``#`` in every format but JSON.
   senders cannot go in an ``ip4set`` and are counted in a closing comment.
 * ``nft``: an ``nft -f`` script that creates (if needed) table ``inet spamsink``
   with sets ``senders_v4`` and ``senders_v6``, empties them and loads the senders;
-  reloading replaces the contents.
+  reloading replaces the contents. For one family only that family's set is
+  declared, emptied and loaded; the other set is left as it was.
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ def family_rows(reader: StoreReader, query: IpQuery, family: int | None,
     return reader.iter_ips(flt, query.sort)
 
 
-def render(fmt: str, rows: Rows, header: list[str]) -> Iterator[str]:
-    """The export in format ``fmt``; ``header`` lines become leading comments."""
+def render(fmt: str, rows: Rows, header: list[str], family: int | None = None,
+           ) -> Iterator[str]:
+    """The export in format ``fmt``; ``header`` lines become leading comments.
+    ``family`` is the one the query asks for (4, 6 or ``None`` for both): an ``nft``
+    script then declares and flushes only that family's set, so loading it leaves the
+    other set as it was."""
+    if fmt == "nft":
+        return _nft(rows, header, family)
     return _RENDERERS[fmt](rows, header)
 
 
@@ -140,20 +147,23 @@ def _rbldnsd(rows: Rows, header: list[str]) -> Iterator[str]:
         yield _comments([f"{skipped} IPv6 senders left out (an ip4set holds IPv4 only)"])
 
 
-def _nft(rows: Rows, header: list[str]) -> Iterator[str]:
+def _nft(rows: Rows, header: list[str], family: int | None) -> Iterator[str]:
     table = f"inet {NFT_TABLE}"
-    yield ("#!/usr/sbin/nft -f\n" + _comments([
-        *header, "load with: nft -f FILE; then e.g. ip saddr @senders_v4 drop in your chains"])
-        + f"table {table} {{\n"
-        "\tset senders_v4 {\n\t\ttype ipv4_addr\n\t}\n"
-        "\tset senders_v6 {\n\t\ttype ipv6_addr\n\t}\n}\n"
-        f"flush set {table} senders_v4\nflush set {table} senders_v6\n")
-    for family in (4, 6):
-        for chunk in rows(family):
-            yield (f"add element {table} senders_v{family} {{ "
+    families = (4, 6) if family is None else (family,)
+    rules = " and ".join(f"{'ip' if f == 4 else 'ip6'} saddr @senders_v{f} drop"
+                        for f in families)
+    yield ("#!/usr/sbin/nft -f\n"
+           + _comments([*header, f"load with: nft -f FILE; then e.g. {rules} in your chains"])
+           + f"table {table} {{\n"
+           + "".join(f"\tset senders_v{f} {{\n\t\ttype ipv{f}_addr\n\t}}\n" for f in families)
+           + "}\n"
+           + "".join(f"flush set {table} senders_v{f}\n" for f in families))
+    for f in families:
+        for chunk in rows(f):
+            yield (f"add element {table} senders_v{f} {{ "
                    + ", ".join(row[0] for row in chunk) + " }\n")
 
 
 _RENDERERS: dict[str, Callable[[Rows, list[str]], Iterator[str]]] = {
-    "txt": _txt, "csv": _csv, "json": _json, "rbldnsd": _rbldnsd, "nft": _nft,
+    "txt": _txt, "csv": _csv, "json": _json, "rbldnsd": _rbldnsd,
 }

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         else:
             header = [f"spamsink {__version__} ips at {iso(time.time())} from {reader.path}",
                       query_comment((k, v) for k, values in get.items() for v in values)]
-            for chunk in render(args.format, rows, header):
+            for chunk in render(args.format, rows, header, query.filter.family):
                 out.write(chunk)
         out.flush()
     except BrokenPipeError:  # `spamsink ips | head`

@@ -22,3 +22,14 @@ def test_query_with_line_breaks_stays_in_the_header_comment(open_api: Client, tm
     script.write_text(open_api.text(f"/api/v1/export?format=nft&{query}"))
     with nft_namespace() as in_ns:
         in_ns("-c", "-f", str(script))
+
+
+def test_a_family_6_export_keeps_the_ipv4_set(open_api: Client, tmp_path: Path):
+    full, v6 = tmp_path / "all.nft", tmp_path / "v6.nft"
+    full.write_text(open_api.text("/api/v1/export?format=nft"))
+    v6.write_text(open_api.text("/api/v1/export?format=nft&family=6"))
+    with nft_namespace() as in_ns:
+        in_ns("-f", str(full))
+        in_ns("-f", str(v6))
+        assert "192.0.2.1" in in_ns("list", "set", "inet", "spamsink", "senders_v4")
+        assert "2001:db8::5" in in_ns("list", "set", "inet", "spamsink", "senders_v6")

@@ -127,6 +127,31 @@ def test_nft_export_loads_into_a_real_ruleset(tmp_path: Path, capsys):
         in_ns("add", "rule", "inet", "spamsink", "input", "ip", "saddr", "@senders_v4", "drop")
 
 
+def test_one_family_export_leaves_the_other_set_alone(tmp_path: Path, capsys):
+    """Loading a --family 6 export replaces senders_v6 and keeps senders_v4 (and the
+    reverse): each export declares and flushes only its own family's set."""
+    populate(tmp_path)
+    scripts = {}
+    for family in ("all", "4", "6"):
+        scripts[family] = tmp_path / f"senders-{family}.nft"
+        args = [] if family == "all" else ["--family", family]
+        scripts[family].write_text(run(capsys, "--data", str(tmp_path), "--format", "nft",
+                                       *args)[1])
+    assert "senders_v4" not in scripts["6"].read_text()
+    assert "senders_v6" not in scripts["4"].read_text()
+    with nft_namespace() as in_ns:
+        def listed(family: str) -> str:
+            return in_ns("list", "set", "inet", "spamsink", f"senders_v{family}")
+        for only, other, kept in (("6", "4", "192.0.2.1"), ("4", "6", "2001:db8::5")):
+            in_ns("-f", str(scripts["all"]))
+            in_ns("-f", str(scripts[only]))
+            assert kept in listed(other), (only, listed(other))
+        # Into an empty ruleset a one-family export loads on its own too.
+        in_ns("flush", "ruleset")
+        in_ns("-f", str(scripts["6"]))
+        assert "2001:db8::5" in listed("6")
+
+
 def test_header_comment_holds_no_line_break(tmp_path: Path, capsys):
     """Filters and the store path with line breaks stay inside the header comment, so
     every line of an nft or rbldnsd export is a comment or an entry."""
