@@ -600,18 +600,18 @@ def _delete_block(conn: sqlite3.Connection, block: int) -> None:
 
 
 def _blank_sessions(conn: sqlite3.Connection, block: int,
-                    gone: Callable[[tuple], bool]) -> int:
+                    gone: Callable[[tuple], bool]) -> list[tuple]:
     """Blank the sessions of ``block`` for which ``gone`` is true (ids stay); delete the
-    block when none is left. Returns how many were blanked."""
+    block when none is left. Returns the sessions blanked."""
     (data,) = conn.execute("SELECT data FROM session_data WHERE block = ?", (block,)).fetchone()
     rows = _decode_block(data)
-    blanked = 0
+    blanked = []
     for index, row in enumerate(rows):
         if row is not None and gone(row):
             rows[index] = None
-            blanked += 1
+            blanked.append(row)
     if not blanked:
-        return 0
+        return blanked
     meta = _block_meta(rows)
     if meta is None:
         _delete_block(conn, block)
@@ -624,6 +624,24 @@ def _blank_sessions(conn: sqlite3.Connection, block: int,
         if ip not in left:
             conn.execute("DELETE FROM session_ips WHERE block = ? AND ip = ?", (block, ip))
     return blanked
+
+
+def _unfold(conn: sqlite3.Connection, sessions: Sequence[tuple]) -> None:
+    """Take deleted ``sessions`` out of the rate buckets and the tarpitted total (the
+    other totals are taken from the sender's aggregate, which holds them all)."""
+    per_bucket: dict[int, list[int]] = {}
+    tarpitted = 0
+    for row in sessions:
+        t = int(row[_END]) // BUCKET * BUCKET
+        bucket = per_bucket.setdefault(t, [0, 0, 0])
+        bucket[0] += 1
+        bucket[1] += row[_MSGS]
+        bucket[2] += row[_BYTES]
+        tarpitted += bool(row[_FLAGS] & F_TARPITTED)
+    conn.executemany("UPDATE buckets SET sessions = sessions - ?, messages = messages - ?, "
+                     "bytes = bytes - ? WHERE t = ?", [(*b, t) for t, b in per_bucket.items()])
+    if tarpitted:
+        conn.execute("UPDATE totals SET tarpitted = tarpitted - ?", (tarpitted,))
 
 
 def store_path(data: Path) -> Path:
@@ -856,7 +874,7 @@ class SQLiteWriter(StoreWriter):
                         _delete_block(conn, block)
                         blanked += sessions
                     else:
-                        blanked += _blank_sessions(conn, block, old)
+                        blanked += len(_blank_sessions(conn, block, old))
                 conn.execute("DELETE FROM buckets WHERE t < ?", (time.time() - BUCKET_KEEP,))
                 conn.execute("COMMIT")
             except BaseException:
@@ -1047,7 +1065,7 @@ class SQLiteReader(StoreReader):
                     blocks = conn.execute("SELECT block FROM session_ips WHERE ip = ? "
                                           "ORDER BY block LIMIT ?", (ip, chunk)).fetchall()
                     for (block,) in blocks:
-                        _blank_sessions(conn, block, mine)
+                        _unfold(conn, _blank_sessions(conn, block, mine))
                     found = found or bool(blocks)
                     last = len(blocks) < chunk
                     if last:
@@ -1065,12 +1083,13 @@ class SQLiteReader(StoreReader):
     @staticmethod
     def _delete_aggregate(conn: sqlite3.Connection, ip: str) -> bool:
         """Delete ``ip``'s aggregate and take it out of the totals; ``False`` if none."""
-        row = conn.execute("SELECT sessions, messages, recipients, bytes FROM ips "
-                           "WHERE ip = ?", (ip,)).fetchone()
+        row = conn.execute("SELECT sessions, messages, recipients, bytes, held, segments_in "
+                           "FROM ips WHERE ip = ?", (ip,)).fetchone()
         if row is None:
             return False
         conn.execute("UPDATE totals SET sessions = sessions - ?, messages = messages - ?,"
-                     " recipients = recipients - ?, bytes = bytes - ?", row)
+                     " recipients = recipients - ?, bytes = bytes - ?, held = held - ?,"
+                     " segments_in = segments_in - ?", row)
         conn.execute("DELETE FROM ips WHERE ip = ?", (ip,))
         conn.execute("DELETE FROM ip_locals WHERE ip = ?", (ip,))
         return True

@@ -165,3 +165,29 @@ def test_forgetting_a_sender_in_many_blocks_lets_the_writer_in(tmp_path):
     assert reader.stats(3000.0)["totals"]["sessions"] == 13
     assert not reader.delete_ip("192.0.2.1")  # unknown now
     writer.close()
+
+
+def test_forgetting_a_sender_takes_it_out_of_totals_rates_and_cost(tmp_path):
+    now = time.time()
+
+    def traffic(ip: str, count: int) -> list[SessionRecord]:
+        records = []
+        for i in range(count):
+            record = _record(ip, end=now - 30 * i)
+            record.messages, record.bytes, record.recipients = 2, 3000, 2
+            record.held, record.segments_in = 1.5, 7
+            record.flags = int(Flag.TARPITTED) if i % 2 else 0
+            records.append(record)
+        return records
+
+    both, alone = open_writer(tmp_path / "both"), open_writer(tmp_path / "alone")
+    both.write(traffic("192.0.2.1", 5) + traffic("192.0.2.2", 3))
+    alone.write(traffic("192.0.2.2", 3))
+    reader = open_reader(tmp_path / "both")
+    assert reader.delete_ip("192.0.2.1")
+    forgot, expected = reader.stats(now), open_reader(tmp_path / "alone").stats(now)
+    for stats in (forgot, expected):
+        del stats["cost"]["cpu_seconds"], stats["cost"]["held_per_cpu_second"]
+    assert forgot == expected
+    both.close()
+    alone.close()
