@@ -87,18 +87,28 @@ PARAMETERS: dict[str, tuple[dict[str, Any], str]] = {
             "how many top senders to list"),
 }
 _IP_FILTERS = ("since", "until", "min_messages", "flag", "family", "sort")
+#: Descriptions that differ on ``/sessions``: its times are when a session ended.
+_SESSION_PARAMETERS = {
+    "since": f"only sessions that ended at or after this time; {_TIME}",
+    "until": f"only sessions that ended before this time; {_TIME}",
+}
+#: The media types of the export, one per format.
+_EXPORT_MEDIA = tuple(dict.fromkeys(t.split(";")[0] for t in CONTENT_TYPES.values()))
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One documented route: method, path (under the root), handler name, parameters."""
+    """One documented route: method, path (under the root), handler name, parameters
+    (names in :data:`PARAMETERS`; ``described`` overrides their descriptions here),
+    and the media types a ``200`` can have."""
 
     method: str
     path: str
     handler: str
     summary: str
     params: tuple[str, ...] = ()
-    content: str = "application/json"
+    content: tuple[str, ...] = ("application/json",)
+    described: dict[str, str] = field(default_factory=dict)
 
 
 ROUTES = (
@@ -110,31 +120,32 @@ ROUTES = (
     Route("DELETE", PREFIX + "/ips/{ip}", "delete_ip",
           "forget a sender (aggregate and sessions); always needs the token"),
     Route("GET", f"{PREFIX}/sessions", "list_sessions", "recorded sessions, latest first",
-          ("ip", "since", "until", "flag", "limit", "cursor")),
+          ("ip", "since", "until", "flag", "limit", "cursor"), described=_SESSION_PARAMETERS),
     Route("GET", f"{PREFIX}/stats", "stats", "totals, rates over 1m/1h/24h, top senders",
           ("top",)),
     Route("GET", f"{PREFIX}/export", "export", "every matching sender, streamed",
-          (*_IP_FILTERS, "format"), "text/plain"),
+          (*_IP_FILTERS, "format"), _EXPORT_MEDIA),
     Route("GET", f"{PREFIX}/openapi.json", "describe", "this description"),
     Route("GET", "/healthz", "healthz", "liveness: the store answers"),
     Route("GET", "/metrics", "metrics", "Prometheus metrics (no IP labels)", (),
-          "text/plain"),
+          ("text/plain",)),
 )
 
 
 def openapi() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of :data:`ROUTES`."""
+    """The OpenAPI 3.1 description of :data:`ROUTES`; every GET also answers HEAD."""
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         params = [{"name": name, "in": "query", "required": False,
-                   "schema": PARAMETERS[name][0], "description": PARAMETERS[name][1],
+                   "schema": PARAMETERS[name][0],
+                   "description": route.described.get(name, PARAMETERS[name][1]),
                    **({"style": "form", "explode": True} if name == "flag" else {})}
                   for name in route.params]
         if "{ip}" in route.path:
             params.insert(0, {"name": "ip", "in": "path", "required": True,
                               "schema": {"type": "string"}, "description": "IPv4 or IPv6"})
         responses: dict[str, Any] = {
-            "200": {"description": "OK", "content": {route.content: {}}},
+            "200": {"description": "OK", "content": {media: {} for media in route.content}},
             "400": {"description": "a bad parameter; the body names it"},
             "401": {"description": "missing or wrong token"},
         }
@@ -149,7 +160,8 @@ def openapi() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "spamsink", "version": __version__,
-                 "description": "Senders recorded by the spamsink SMTP sink."},
+                 "description": "Senders recorded by the spamsink SMTP sink. Every GET "
+                 "route also answers HEAD."},
         "components": {"securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
         "security": [{"token": []}, {}],
         "paths": paths,
@@ -228,7 +240,8 @@ class Api:
         elif request.method == "DELETE":
             return _error(403, "deletes need the API to run with --api-token")
         route = request.match_info.route.resource
-        allowed = _ROUTE_PARAMS.get((request.method, route.canonical if route else ""))
+        method = "GET" if request.method == "HEAD" else request.method
+        allowed = _ROUTE_PARAMS.get((method, route.canonical if route else ""))
         if allowed is not None:
             for name in request.query:
                 if name not in allowed:
@@ -325,9 +338,12 @@ class Api:
 
         header = [f"spamsink {__version__} export at {iso(time.time())}",
                   query_comment(request.query.items())]
-        chunks = render(fmt, rows, header, query.filter.family)
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPES[fmt]})
         await response.prepare(request)
+        if request.method == "HEAD":  # the headers only: no reason to read the store
+            await response.write_eof()
+            return response
+        chunks = render(fmt, rows, header, query.filter.family)
         try:
             while (chunk := await self._run(next, chunks, None)) is not None:
                 await response.write(chunk.encode())
@@ -354,7 +370,10 @@ class Api:
         """The aiohttp application serving :data:`ROUTES`."""
         app = web.Application(middlewares=[self.guard])
         for route in ROUTES:
-            app.router.add_route(route.method, route.path, getattr(self, route.handler))
+            if route.method == "GET":  # and HEAD
+                app.router.add_get(route.path, getattr(self, route.handler), allow_head=True)
+            else:
+                app.router.add_route(route.method, route.path, getattr(self, route.handler))
         app.on_cleanup.append(self._cleanup)
         return app
 

@@ -339,8 +339,49 @@ def test_openapi_describes_exactly_the_routes_served(open_api: Client):
                 status, _, _ = open_api.request("DELETE", url)
                 assert status == 403  # no token configured: deletes are refused
                 continue
-            status, _, body = open_api.request("GET", url)
+            status, ctype, body = open_api.request("GET", url)
             assert status == 200, (url, body)
+            media = op["responses"]["200"]["content"]
+            assert ctype.split(";")[0] in media, (url, ctype, list(media))
+    # The export answers in the media type of each format, and documents every one.
+    export = spec["paths"]["/api/v1/export"]["get"]
+    formats = next(p for p in export["parameters"] if p["name"] == "format")["schema"]["enum"]
+    answered = set()
+    for fmt in formats:
+        status, ctype, _ = open_api.request("GET", f"/api/v1/export?format={fmt}")
+        assert status == 200
+        answered.add(ctype.split(";")[0])
+    assert answered == set(export["responses"]["200"]["content"]) == {
+        "text/plain", "text/csv", "application/json"}
+
+
+def test_openapi_describes_each_routes_own_time_filters():
+    """/sessions filters on when a session ended, /ips and /export on when a sender was
+    seen: each route documents its own meaning."""
+    paths = openapi()["paths"]
+
+    def described(path: str) -> dict[str, str]:
+        return {p["name"]: p["description"] for p in paths[path]["get"]["parameters"]}
+    sessions, ips = described("/api/v1/sessions"), described("/api/v1/ips")
+    assert sessions["since"].startswith("only sessions that ended at or after this time")
+    assert sessions["until"].startswith("only sessions that ended before this time")
+    assert ips["since"].startswith("only senders seen at or after this time")
+    assert ips["until"].startswith("only senders first seen before this time")
+    assert described("/api/v1/export")["since"] == ips["since"]
+
+
+def test_head_answers_wherever_get_does(open_api: Client):
+    for route in ROUTES:
+        if route.method != "GET":
+            continue
+        path = route.path.replace("{ip}", "192.0.2.1")
+        get_status, get_type, _ = open_api.request("GET", path)
+        status, ctype, body = open_api.request("HEAD", path)
+        assert (status, ctype, body) == (get_status, get_type, b""), path
+    status, ctype, _ = open_api.request("HEAD", "/api/v1/export?format=csv")
+    assert status == 200 and ctype.startswith("text/csv")
+    assert open_api.request("HEAD", "/api/v1/ips?nope=1")[0] == 400  # same checks as GET
+    assert open_api.request("HEAD", "/api/v1/ips?since=nan")[0] == 400
 
 
 def _example(path: str, param: dict) -> str:
@@ -382,6 +423,8 @@ def test_token_is_required_on_every_route(locked_api: tuple[Client, Client]):
         status, _, body = without.request(route.method, path)
         assert status == 401, (route.path, body)
         assert json.loads(body)["parameter"] == "Authorization"
+    assert without.request("HEAD", "/api/v1/ips")[0] == 401
+    assert with_token.request("HEAD", "/api/v1/ips")[0] == 200
     wrong = Client(with_token.base, "not-it")
     assert wrong.request("GET", "/api/v1/ips")[0] == 401
     assert ips_of(with_token.json("/api/v1/ips?family=6")) == ["2001:db8::5"]
