@@ -72,6 +72,8 @@ def test_export_formats(tmp_path: Path, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--since", "soon"], "--since: not a time"),
+    (["--since", "nan"], "--since: not a finite time"),
+    (["--until", "1e400"], "--until: not a finite time"),
     (["--min-messages", "x"], "--min-messages: not a whole number"),
     (["--flag", "nope"], "--flag: unknown flag 'nope'"),
 ])
