@@ -9,9 +9,11 @@ Contract:
   several replies in one read (pipelining), come out the same.
 * Lines end with CRLF; a bare LF is tolerated, as most clients do.
 * A malformed line (fewer than three digits, a first digit outside 2-5, a fourth byte
-  other than space or hyphen, a continuation with another code) or a line longer than
-  ``max_line`` raises :class:`ReplyError`; the parser is then unusable, as the
-  connection it reads is.
+  other than space or hyphen, a continuation with another code), a line longer than
+  ``max_line`` or a reply of more than ``max_lines`` lines raises :class:`ReplyError`;
+  the parser is then unusable, as the connection it reads is. Together the two caps
+  bound what one reply can hold (``MAX_LINES * MAX_LINE`` bytes, 8 MiB): a server that
+  never ends a multi-line reply is a protocol error, not unbounded memory.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ Reply = tuple[int, list[bytes]]
 
 #: Longest reply line accepted (RFC 5321 allows 512; real servers send longer).
 MAX_LINE = 8192
+#: Most lines in one reply; a Postfix EHLO reply has about a dozen, so 1,000 is far
+#: above any real server.
+MAX_LINES = 1000
 _CODES = {b"%d" % code: code for code in range(200, 600)}
 
 
@@ -45,10 +50,11 @@ def _split(line: bytes) -> tuple[int, bool, bytes]:
 class ReplyParser:
     """Incremental parser of the replies on one connection (see the module contract)."""
 
-    __slots__ = ("_buf", "_code", "_lines", "max_line")
+    __slots__ = ("_buf", "_code", "_lines", "max_line", "max_lines")
 
-    def __init__(self, max_line: int = MAX_LINE) -> None:
+    def __init__(self, max_line: int = MAX_LINE, max_lines: int = MAX_LINES) -> None:
         self.max_line = max_line
+        self.max_lines = max_lines
         self._buf = b""
         self._code = 0
         self._lines: list[bytes] = []
@@ -85,6 +91,8 @@ class ReplyParser:
                                  "within a multi-line reply")
             self._code = code
             self._lines.append(text)
+            if len(self._lines) > self.max_lines:
+                raise ReplyError(f"reply longer than {self.max_lines} lines")
             if last:
                 replies.append((code, self._lines))
                 self._lines = []

@@ -104,3 +104,12 @@ def test_arbitrary_bytes_only_ever_raise_reply_error(data: bytes) -> None:
             assert 200 <= code <= 599 and lines
     except ReplyError:
         pass
+
+
+def test_a_reply_of_more_than_max_lines_raises() -> None:
+    parser = ReplyParser(max_lines=5)
+    assert parser.feed(b"250-a\r\n" * 4) == []
+    assert parser.feed(b"250 last\r\n") == [(250, [b"a"] * 4 + [b"last"])]
+    parser.feed(b"220-x\r\n" * 5)
+    with pytest.raises(ReplyError, match="more than|longer than 5 lines"):
+        parser.feed(b"220-x\r\n")

@@ -1,0 +1,71 @@
+"""``spamsink send`` against servers that misbehave at the edges of a session: endless
+replies, stalled or dropped TLS handshakes, servers that stop reading, idle 421s.
+
+Each server is a few lines of asyncio on a real loopback socket (:class:`StreamServer`);
+every run must end by itself, with the right buckets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+
+from tests.support import free_port
+from tests.test_send_support import run_send
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class StreamServer:
+    """``handler(reader, writer)`` for every connection, on a loop in its own thread."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.port = free_port()
+        self.connections = 0
+        self._handler = handler
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self._handler(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    def __enter__(self) -> StreamServer:
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+def test_a_reply_that_never_ends_is_a_bad_reply() -> None:
+    """A greeting of endless 220- lines: cut off at MAX_LINES as a protocol error, long
+    before --timeout (before the cap, the client buffered it until the timeout)."""
+    async def babble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        chunk = (b"220-" + b"x" * 200 + b"\r\n") * 100
+        while True:
+            writer.write(chunk)
+            await writer.drain()
+
+    with StreamServer(babble) as server:
+        status, out, _ = run_send("-n", "2", "--timeout", "20", "-p", str(server.port),
+                                  timeout=15)
+    assert status == 1
+    assert out["failures"] == {"greeting bad reply": 2}
