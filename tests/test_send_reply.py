@@ -111,5 +111,5 @@ def test_a_reply_of_more_than_max_lines_raises() -> None:
     assert parser.feed(b"250-a\r\n" * 4) == []
     assert parser.feed(b"250 last\r\n") == [(250, [b"a"] * 4 + [b"last"])]
     parser.feed(b"220-x\r\n" * 5)
-    with pytest.raises(ReplyError, match="more than|longer than 5 lines"):
+    with pytest.raises(ReplyError, match="longer than 5 lines"):
         parser.feed(b"220-x\r\n")
