@@ -82,9 +82,22 @@ class SendConfig:
 
 
 def _address(text: str, option: str) -> str:
+    """An envelope address as given; ``-F ''`` is the null sender ``MAIL FROM:<>``
+    (bounces), a recipient must not be empty."""
     if any(c in text for c in "\r\n<> "):
         raise UsageError(f"{option} {text!r}: an address must not contain spaces, '<', '>' "
                          "or line breaks")
+    if not text and option == "-T":
+        raise UsageError("-T '': a recipient must not be empty (only the sender may be null)")
+    return text
+
+
+def _ehlo_name(text: str) -> str:
+    """The EHLO/HELO name: one word of printable ASCII (RFC 5321 domain or address
+    literal), so nothing but the name can reach the wire."""
+    if not text or not all("!" <= c <= "~" for c in text):
+        raise UsageError(f"--ehlo {text!r}: the name must be one word of printable ASCII "
+                         "(no spaces, control characters or line breaks)")
     return text
 
 
@@ -160,7 +173,7 @@ def config_from_options(options: argparse.Namespace) -> SendConfig:
         verbose=options.verbose,
         json=options.json,
         quiet=options.quiet,
-        ehlo=options.ehlo,
+        ehlo=_ehlo_name(options.ehlo),
         pipelining=options.pipelining,
         bdat=options.bdat,
         starttls=options.starttls,

@@ -58,6 +58,11 @@ def test_classic_options_parse() -> None:
     (("-n", "1", "-F", "a b@c"), "must not contain spaces"),
     (("-n", "1", "-T", "<x@y>"), "must not contain spaces, '<', '>'"),
     (("-n", "1", "-S", "two\nlines"), "must not contain line breaks"),
+    (("-n", "1", "-T", ""), "-T '': a recipient must not be empty"),
+    (("-n", "1", "--ehlo", "x\r\nRSET"), "--ehlo 'x\\r\\nRSET': the name must be one word"),
+    (("-n", "1", "--ehlo", "two words"), "must be one word of printable ASCII"),
+    (("-n", "1", "--ehlo", ""), "must be one word of printable ASCII"),
+    (("-n", "1", "--ehlo", "caf\u00e9.example"), "must be one word of printable ASCII"),
     (("-n", "5", "--hold", "5"), "--hold runs for -t SECONDS"),
     (("-t", "5", "--hold", "5", "-s", "3"), "-s and -m do not apply"),
     (("-t", "5", "--hold", "5", "--rate", "3"), "--rate does not apply"),
@@ -69,6 +74,11 @@ def test_classic_options_parse() -> None:
 def test_bad_command_lines(capsys: pytest.CaptureFixture[str], args: tuple[str, ...],
                            message: str) -> None:
     assert message in error_of(capsys, *args)
+
+
+def test_null_sender_and_address_literal_ehlo_are_allowed() -> None:
+    c = config("-n", "1", "-F", "", "--ehlo", "[192.0.2.1]")
+    assert (c.sender, c.ehlo) == ("", "[192.0.2.1]")
 
 
 def test_body_excludes_generated_message_options(tmp_path: Path,
