@@ -16,7 +16,13 @@ Contract:
   ``--timeout`` after the last write or reply (infinite while nothing is awaited); the
   runner's sweep calls :meth:`timed_out`.
 * No coroutine or task per command: everything runs in ``data_received`` and plain
-  callbacks; the only task is the STARTTLS handshake.
+  callbacks; the only task is the STARTTLS handshake. While it runs the session is
+  not the transport's protocol (``loop.start_tls`` put an SSL protocol in between,
+  which tells the session nothing if the handshake fails), so the session ends itself
+  when the task does not give it a TLS transport: a handshake the server drops fails
+  as ``tls closed`` (``tls error`` for a TLS alert), one that stalls as ``tls timeout``
+  at ``--timeout`` (the sweep's abort cancels the task), and ``done`` is set in every
+  case.
 * Cheap per reply: a read that is exactly a reply (or several) seen before is looked
   up, not parsed (servers repeat the same greeting, EHLO and ``250 Ok`` replies; at
   most :data:`KNOWN_READS` different reads of at most :data:`KNOWN_READ_BYTES` bytes
@@ -171,6 +177,7 @@ class SenderSession(asyncio.Protocol):
         "_timer",
         "_tls",
         "_tls_started",
+        "_tls_task",
         "_transport",
         "done",
         "ended_by",
@@ -197,6 +204,7 @@ class SenderSession(asyncio.Protocol):
         self._chunking = False
         self._tls = ctx.config.tls
         self._tls_started = 0.0
+        self._tls_task: asyncio.Task | None = None
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         #: Why the connection ended: "quit", "closed by server", "timeout", "421", ...
@@ -283,6 +291,8 @@ class SenderSession(asyncio.Protocol):
         return replies
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.done.done():  # already ended by a failed STARTTLS handshake
+            return
         ctx = self._ctx
         ctx.active.discard(self)
         if not self._closing:
@@ -489,20 +499,33 @@ class SenderSession(asyncio.Protocol):
         self._last = now
         # STARTTLS is sent only on an open connection with --starttls (a TLS context).
         transport = cast(asyncio.Transport, self._transport)
-        task = ctx.loop.create_task(ctx.loop.start_tls(
+        task = self._tls_task = ctx.loop.create_task(ctx.loop.start_tls(
             transport, self, cast(ssl.SSLContext, ctx.tls_context),
             server_hostname=ctx.server_hostname))
         task.add_done_callback(self._tls_ready)
 
     def _tls_ready(self, task: asyncio.Task) -> None:
+        """The STARTTLS handshake ended: go on over TLS, or end the session (see the
+        module contract)."""
         ctx = self._ctx
-        if task.cancelled() or task.exception() is not None or self._closing:
-            self._fail(TLS, "error")
-            if ctx.dialogue is not None and not task.cancelled():
-                ctx.dialogue.note(self._id, f"TLS handshake failed: {task.exception()}")
-            self._abort("TLS error")
+        self._tls_task = None
+        exc = None if task.cancelled() else task.exception()
+        tls_transport = None if task.cancelled() or exc is not None else task.result()
+        if tls_transport is None or self._closing:
+            # Cancelled (timed out or stopped: already counted), failed, or closed.
+            cause = "error" if isinstance(exc, ssl.SSLError) and not isinstance(
+                exc, ssl.SSLEOFError) else "closed"
+            self._fail(TLS, cause)
+            if ctx.dialogue is not None and not self._closing:
+                ctx.dialogue.note(self._id, f"TLS handshake failed: {exc or 'connection closed'}")
+            if not self._closing:
+                self.ended_by = "TLS error" if cause == "error" else "closed by server"
+            self._abort(self.ended_by)
+            if tls_transport is not None:
+                tls_transport.abort()
+            self.connection_lost(exc)
             return
-        self._transport = task.result()
+        self._transport = tls_transport
         self._expect.popleft()
         self._tls = True
         ctx.stats.used("STARTTLS")
@@ -607,6 +630,8 @@ class SenderSession(asyncio.Protocol):
         if self._timer is not None:  # a paced message that will not start now
             self._timer.cancel()
             self._timer = None
+        if self._tls_task is not None:  # a STARTTLS handshake: it ends the session
+            self._tls_task.cancel()
 
     def _close(self, reason: str) -> None:
         """Close after what was written has been sent."""

@@ -69,3 +69,43 @@ def test_a_reply_that_never_ends_is_a_bad_reply() -> None:
                                   timeout=15)
     assert status == 1
     assert out["failures"] == {"greeting bad reply": 2}
+
+
+def starttls_server(then: str) -> StreamServer:
+    """Offers STARTTLS, answers it 220, then ``then``: "stall" (reads the ClientHello and
+    says nothing) or "close" (drops the connection)."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 tls.example ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-tls.example\r\n250 STARTTLS\r\n")
+            elif verb == b"STAR":
+                writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+                await writer.drain()
+                if then == "close":
+                    return
+                while await reader.read(4096):
+                    pass
+            else:
+                writer.write(b"250 ok\r\n")
+
+    return StreamServer(handler)
+
+
+def test_a_stalled_starttls_handshake_times_out() -> None:
+    with starttls_server("stall") as server:
+        status, out, _ = run_send("-n", "2", "-s", "2", "--starttls", "--timeout", "0.5",
+                                  "-p", str(server.port), timeout=15)
+    assert status == 1
+    assert out["failures"] == {"tls timeout": 2}
+    assert out["connections"]["made"] == 2
+
+
+def test_a_dropped_starttls_handshake_ends_the_session() -> None:
+    with starttls_server("close") as server:
+        status, out, _ = run_send("-n", "3", "-s", "1", "--starttls", "--timeout", "20",
+                                  "-p", str(server.port), timeout=15)
+    assert status == 1
+    assert out["failures"] == {"tls closed": 3}
+    assert server.connections == 3  # each failed session ended, and the next one began
