@@ -5,7 +5,10 @@ each opening connections one after another while the pool gives tickets, and ret
 a :class:`RunResult` whose counters obey ``sent + failed + unfinished + not_attempted
 == -n`` for a counted run. Connection attempts and every awaited reply time out after
 ``--timeout`` (a sweep over open sessions, several times per timeout, no timer per
-command). SIGINT/SIGTERM stop the run early (``interrupted``). ``publish``, when given,
+command). SIGINT/SIGTERM stop the run early (``interrupted``): open sessions close
+(aborted when the server does not take what was written within the session's grace,
+see :mod:`sink.send_session`); a second signal aborts every connection at once. Either
+way the run returns its result, so the summary is printed. ``publish``, when given,
 is called a few times a second with (sent, failed, open connections).
 """
 
@@ -141,7 +144,7 @@ class Runner:
         self.ctx = SessionContext(config, self.stats, messages, self.pool, pacer, dialogue,
                                   self._ssl)
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self.interrupt, "interrupted")
+            loop.add_signal_handler(signum, self._on_signal)
         helpers = [asyncio.create_task(self._sweep()), asyncio.create_task(self._fold())]
         if self._publish is not None:
             helpers.append(asyncio.create_task(self._publisher()))
@@ -162,6 +165,14 @@ class Runner:
             self._publish(self.stats.sent, self.stats.failed, 0)
         interrupted = self._interrupt_reason == "interrupted"
         return RunResult(self.stats, hold, interrupted, self.pool.remaining)
+
+    def _on_signal(self) -> None:
+        """SIGINT/SIGTERM: stop; when already stopping, abort every connection now."""
+        if not self.stopped:
+            self.interrupt("interrupted")
+            return
+        for session in list(self.ctx.active):
+            session.abort()
 
     def interrupt(self, reason: str) -> None:
         """Stop now: no new messages or connections; open sessions are closed."""

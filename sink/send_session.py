@@ -14,7 +14,10 @@ Contract:
   commands (or QUIT), as RFC 2920 allows: about one round trip per message.
 * ``deadline`` is the ``perf_counter()`` time by which the awaited reply must arrive:
   ``--timeout`` after the last write or reply (infinite while nothing is awaited); the
-  runner's sweep calls :meth:`timed_out`.
+  runner's sweep calls :meth:`timed_out`. A closing session (QUIT answered, 421, end
+  of a hold, an interrupt) waits for the server to take what was written at most
+  ``min(--timeout, CLOSE_GRACE)``: then :meth:`timed_out` aborts it, so a server that
+  stopped reading cannot keep the run from ending.
 * No coroutine or task per command: everything runs in ``data_received`` and plain
   callbacks; the only task is the STARTTLS handshake. While it runs the session is
   not the transport's protocol (``loop.start_tls`` put an SSL protocol in between,
@@ -70,6 +73,8 @@ _DOT_ONLY = b".\r\n"
 KNOWN_READS = 1024
 #: The longest read remembered (a Postfix EHLO reply is about 200 bytes).
 KNOWN_READ_BYTES = 1024
+#: Longest wait, in seconds, for a closing connection's written data to be taken.
+CLOSE_GRACE = 10.0
 
 
 def recipients(address: str, count: int) -> list[str]:
@@ -94,6 +99,7 @@ class SessionContext:
     __slots__ = (
         "active",
         "bdat",
+        "close_grace",
         "config",
         "connections",
         "data_stages",
@@ -134,6 +140,7 @@ class SessionContext:
         self.active: set[SenderSession] = set()
         self.connections = 0
         self.timeout = config.timeout
+        self.close_grace = min(config.timeout, CLOSE_GRACE)
         self.pipelining = config.pipelining
         self.bdat = config.bdat
         self.server_hostname = config.host.strip("[]")
@@ -159,6 +166,7 @@ class SenderSession(asyncio.Protocol):
 
     __slots__ = (
         "_chunking",
+        "_closed_at",
         "_closing",
         "_ctx",
         "_expect",
@@ -206,6 +214,7 @@ class SenderSession(asyncio.Protocol):
         self._tls_started = 0.0
         self._tls_task: asyncio.Task | None = None
         self._closing = False
+        self._closed_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         #: Why the connection ended: "quit", "closed by server", "timeout", "421", ...
         self.ended_by = ""
@@ -218,7 +227,9 @@ class SenderSession(asyncio.Protocol):
     @property
     def deadline(self) -> float:
         """When the awaited reply is late (see the module contract)."""
-        if self._closing or not self._expect:
+        if self._closing:
+            return self._closed_at + self._ctx.close_grace
+        if not self._expect:
             return inf
         return self._last + self._ctx.timeout
 
@@ -315,7 +326,11 @@ class SenderSession(asyncio.Protocol):
     # -- called by the runner ---------------------------------------------------------
 
     def timed_out(self) -> None:
-        """The awaited reply did not come by ``deadline``: fail the message, abort."""
+        """The awaited reply did not come by ``deadline``: fail the message, abort; a
+        closing connection that did not close by then is aborted."""
+        if self._closing:
+            self.abort()
+            return
         stage = self._expect[0][0] if self._expect else GREETING
         self._fail(stage, "timeout")
         if self._ctx.dialogue is not None:
@@ -334,6 +349,14 @@ class SenderSession(asyncio.Protocol):
         self._in_msg = False
         self._release()
         self._close(reason)
+
+    def abort(self) -> None:
+        """Close now, discarding unsent data (a closing session past its grace, a second
+        interrupt); what it counted stays counted."""
+        if not self._closing:
+            self._ending("interrupted")
+        if self._transport is not None:
+            self._transport.abort()
 
     def _release(self) -> None:
         """Return the tickets reserved for messages this connection will not send."""
@@ -627,6 +650,7 @@ class SenderSession(asyncio.Protocol):
     def _ending(self, reason: str) -> None:
         self.ended_by = reason
         self._closing = True
+        self._closed_at = _perf()
         if self._timer is not None:  # a paced message that will not start now
             self._timer.cancel()
             self._timer = None

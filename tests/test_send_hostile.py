@@ -8,10 +8,14 @@ every run must end by itself, with the right buckets.
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
-from tests.support import free_port
+from tests.support import free_port, spamsink_command
 from tests.test_send_support import run_send
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -109,3 +113,58 @@ def test_a_dropped_starttls_handshake_ends_the_session() -> None:
     assert status == 1
     assert out["failures"] == {"tls closed": 3}
     assert server.connections == 3  # each failed session ended, and the next one began
+
+
+def deaf_after_data(in_data: threading.Event) -> StreamServer:
+    """Answers until DATA's 354, then never reads again: a large message text stays in
+    the client's write buffer."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 deaf.example ESMTP\r\n")
+        while line := await reader.readline():
+            if line[:4].upper() == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                in_data.set()
+                await asyncio.sleep(3600)
+            writer.write(b"250 ok\r\n")
+
+    return StreamServer(handler)
+
+
+def test_end_of_hold_aborts_a_connection_the_server_stopped_reading() -> None:
+    """The end of the hold closes the connection; its 16 MiB text is never taken, so the
+    close is an abort after the grace (min(--timeout, CLOSE_GRACE) = 2 s). Before, the
+    run waited for the write buffer forever."""
+    in_data = threading.Event()
+    with deaf_after_data(in_data) as server:
+        status, out, _ = run_send("--hold", "1", "-t", "0.5", "--timeout", "2", "-b", "16M",
+                                  "-p", str(server.port), timeout=20)
+    assert in_data.is_set()
+    assert status == 0, out
+    assert out["hold"]["ends"] == {"end of hold": 1}
+    assert (out["sent"], out["failed"], out["unfinished"]) == (0, 0, 1)
+
+
+def test_a_second_interrupt_aborts_at_once() -> None:
+    """The first SIGINT closes the stalled connection gracefully (a 10 s grace with
+    --timeout 30); the second aborts it now, and the summary is printed."""
+    in_data = threading.Event()
+    with deaf_after_data(in_data) as server:
+        proc = subprocess.Popen([*spamsink_command(), "send", "--json", "-n", "1", "-b", "16M",
+                                 "--timeout", "30", "-p", str(server.port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert in_data.wait(15)
+            time.sleep(0.3)  # the text is being written
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            assert proc.poll() is None  # still waiting for the server to take the text
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=6)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, stderr
+    out = json.loads(stdout)
+    assert out["interrupted"] is True
+    assert (out["sent"], out["failed"], out["unfinished"]) == (0, 0, 1)
