@@ -6,8 +6,9 @@ message after another with ``--hold-pause`` between them and waits as long as th
 server makes it (up to ``--timeout`` per reply), never reconnecting. Every
 ``interval`` seconds it samples how many are alive; at the end of ``-t`` it closes
 the rest. The :class:`HoldResult` says how many opened, how many were alive at each
-sample, and how each connection ended; what each reply cost in waiting is in the
-run's latency histograms.
+sample, and how each connection ended (a connect still in progress at the end is
+cancelled: "cut while connecting", its message unfinished); what each reply cost in
+waiting is in the run's latency histograms.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ async def run_hold(runner: Runner, deadline: float) -> HoldResult:
             remaining -= 1
             session = await runner.open_session(UNLIMITED)
             if session is None:
-                result.ends["failed to open"] = result.ends.get("failed to open", 0) + 1
+                why = "cut while connecting" if runner.stopped else "failed to open"
+                result.ends[why] = result.ends.get(why, 0) + 1
                 continue
             sessions.append(session)
             session.done.add_done_callback(lambda _f, s=session: tally(s))

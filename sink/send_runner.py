@@ -8,7 +8,9 @@ a :class:`RunResult` whose counters obey ``sent + failed + unfinished + not_atte
 command). SIGINT/SIGTERM stop the run early (``interrupted``): open sessions close
 (aborted when the server does not take what was written within the session's grace,
 see :mod:`sink.send_session`); a second signal aborts every connection at once. Either
-way the run returns its result, so the summary is printed. ``publish``, when given,
+way the run returns its result, so the summary is printed. Connection attempts in
+progress when the run stops are cancelled at once and their messages counted as
+``unfinished``, not as failures. ``publish``, when given,
 is called a few times a second with (sent, failed, open connections).
 """
 
@@ -113,6 +115,8 @@ class Runner:
         #: Connection attempts in progress: the task making each, and its deadline.
         self._connecting: dict[asyncio.Task, float] = {}
         self._timed_out: set[asyncio.Task] = set()
+        #: Connection attempts cancelled because the run stopped.
+        self._cut: set[asyncio.Task] = set()
         self.ctx: SessionContext
         self.pool: CountPool | DeadlinePool
         self.stopping: asyncio.Event
@@ -184,6 +188,10 @@ class Runner:
         self.pool.close()
         for session in list(self.ctx.active):
             session.stop(reason)
+        for task in self._connecting:
+            if task not in self._timed_out:
+                self._cut.add(task)
+                task.cancel()
 
     async def _sender(self, pacer: RatePacer | None) -> None:
         pool, per_connection = self.pool, self.config.per_connection
@@ -205,7 +213,8 @@ class Runner:
     async def open_session(self, reserved: int) -> SenderSession | None:
         """Connect one session for the message whose ticket the caller took and
         ``reserved`` more; ``None`` when the connection could not be made: then the
-        first message failed and the reserved tickets went back to the pool."""
+        first message failed (or, when the run stopped while connecting, is unfinished)
+        and the reserved tickets went back to the pool."""
         # The loop is passed, not looked up: get_running_loop() costs a getpid() call.
         config, stats, loop = self.config, self.stats, self.ctx.loop
         started = _perf()
@@ -233,13 +242,22 @@ class Runner:
                     ssl=self._ssl if config.tls else None,
                     server_hostname=self.ctx.server_hostname if config.tls else None)
         except asyncio.CancelledError:
-            if task not in self._timed_out:
+            if task in self._cut:  # the run stopped
+                self._cut.discard(task)
+                task.uncancel()
+                if not session.connected:
+                    del self._connecting[task]
+                    stats.unfinished += 1
+                    self.pool.give_back(reserved)
+                    return None
+            elif task not in self._timed_out:
                 del self._connecting[task]
                 raise
-            self._timed_out.discard(task)
-            task.uncancel()
-            if not session.connected:  # else it connected just as the deadline passed
-                cause = "timeout"
+            else:
+                self._timed_out.discard(task)
+                task.uncancel()
+                if not session.connected:  # else it connected just as the deadline passed
+                    cause = "timeout"
         except ssl.SSLError:
             stage, cause = TLS, "error"
         except OSError as exc:
@@ -266,7 +284,7 @@ class Runner:
             await asyncio.sleep(tick)
             now = time.perf_counter()
             for task in [t for t, deadline in connecting.items() if deadline < now]:
-                if task not in timed_out:
+                if task not in timed_out and not self.stopped:
                     timed_out.add(task)
                     task.cancel()
             for session in [s for s in active if s.deadline < now]:

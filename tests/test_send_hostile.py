@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -168,3 +169,43 @@ def test_a_second_interrupt_aborts_at_once() -> None:
     out = json.loads(stdout)
     assert out["interrupted"] is True
     assert (out["sent"], out["failed"], out["unfinished"]) == (0, 0, 1)
+
+
+def full_listen_queue() -> socket.socket:
+    """A listener that never accepts: one connect fits its queue, the others hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    return listener
+
+
+def test_end_of_hold_cancels_connects_in_progress() -> None:
+    """Before, the hold lasted until the connects timed out (--timeout 30) and counted them
+    as connect failures (exit status 1)."""
+    with full_listen_queue() as listener:
+        status, out, _ = run_send("--hold", "4", "-t", "0.5", "--timeout", "30",
+                                  "-p", str(listener.getsockname()[1]), timeout=15)
+    assert status == 0, out
+    assert out["failures"] == {}
+    assert out["connections"]["made"] == 1 and out["connections"]["failed"] == 0
+    assert out["hold"]["ends"] == {"end of hold": 1, "cut while connecting": 3}
+    assert out["unfinished"] == 4
+
+
+def test_interrupt_cancels_connects_in_progress() -> None:
+    with full_listen_queue() as listener:
+        proc = subprocess.Popen([*spamsink_command(), "send", "--json", "-n", "4", "-s", "4",
+                                 "--timeout", "30", "-p", str(listener.getsockname()[1])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=8)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, stderr
+    out = json.loads(stdout)
+    assert out["failures"] == {}
+    assert (out["sent"], out["failed"], out["unfinished"], out["not_attempted"]) == (0, 0, 4, 0)
