@@ -46,7 +46,8 @@ def summary(result: RunResult, config: SendConfig) -> dict[str, Any]:
         "seconds": round(elapsed, 6),
         "messages_per_minute": round(rate * 60, 3), "messages_per_second": round(rate, 3),
         "average_delivery_seconds": round(stats.delivery.mean, 6),
-        "connections": {"made": stats.connections_made, "failed": stats.connections_failed},
+        "connections": {"made": stats.connections_made, "failed": stats.connections_failed,
+                        "ended": dict(sorted(stats.ends.items()))},
         "failures": dict(sorted(stats.failures.items())),
         "failures_by_stage": _by(stats.failures, 0),
         "failures_by_cause": _by(stats.failures, 1),
@@ -106,11 +107,14 @@ def render_text(data: dict[str, Any]) -> str:
                "end of hold" if data.get("hold") else "stopped")
         lines.append(f"Unfinished ({why}): {data['unfinished']} on the wire, "
                      f"{data['not_attempted']} not attempted")
+    hold = data.get("hold")
+    if hold is None and data["connections"]["ended"]:
+        ends = ", ".join(f"{why} {n}" for why, n in data["connections"]["ended"].items())
+        lines.append(f"Connections ended: {ends}")
     lines.append(f"Bytes: {data['bytes']['sent']} sent, {data['bytes']['received']} received")
     if data["extensions"]:
         used = ", ".join(f"{name} on {n}" for name, n in sorted(data["extensions"].items()))
         lines.append(f"Used (connections): {used}")
-    hold = data.get("hold")
     if hold is not None:
         lines.append(f"Hold: {hold['requested']} connections requested, {hold['opened']} "
                      f"opened, {hold['failed_to_open']} failed to open; peak "

@@ -112,6 +112,7 @@ class Runner:
         self._publish = publish
         self.stopped = False
         self._interrupt_reason = ""
+        self._stopped_at = 0.0
         #: Connection attempts in progress: the task making each, and its deadline.
         self._connecting: dict[asyncio.Task, float] = {}
         self._timed_out: set[asyncio.Task] = set()
@@ -164,7 +165,9 @@ class Runner:
                 task.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
-        self.stats.finished = time.perf_counter()
+        # The clock's end (see sink.send_stats): not the closing QUITs after the last message.
+        stats = self.stats
+        stats.finished = max(stats.settled, self._stopped_at) or time.perf_counter()
         if self._publish is not None:
             self._publish(self.stats.sent, self.stats.failed, 0)
         interrupted = self._interrupt_reason == "interrupted"
@@ -183,6 +186,7 @@ class Runner:
         if self.stopped:
             return
         self.stopped = True
+        self._stopped_at = time.perf_counter()
         self._interrupt_reason = reason
         self.stopping.set()
         self.pool.close()

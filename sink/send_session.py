@@ -308,6 +308,8 @@ class SenderSession(asyncio.Protocol):
         ctx.active.discard(self)
         if not self._closing:
             self.ended_by = "closed by server"
+        ends = ctx.stats.ends
+        ends[self.ended_by] = ends.get(self.ended_by, 0) + 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -335,7 +337,7 @@ class SenderSession(asyncio.Protocol):
         self._fail(stage, "timeout")
         if self._ctx.dialogue is not None:
             self._ctx.dialogue.note(self._id, f"timeout waiting for the {STAGES[stage]} reply")
-        self._abort("timeout")
+        self._abort("quit timeout" if stage == QUIT else "timeout")
 
     def stop(self, reason: str) -> None:
         """End the session now (end of a hold, or an interrupt); a message on the wire
@@ -609,6 +611,7 @@ class SenderSession(asyncio.Protocol):
         if ok and not self._msg_failed:
             stats = self._ctx.stats
             stats.sent += 1
+            stats.settled = now
             stats.delivery.pending.append(now - self._msg_start)
         elif not ok:
             self._fail(stage, code)

@@ -14,11 +14,19 @@ Contract:
 * Every message that was attempted ends in exactly one of ``sent``, ``failed`` (with
   one ``"<stage> <cause>"`` key in ``failures``) or ``unfinished`` (cut off by the end
   of a hold or an interrupt).
+* Every connection made ends under one reason in ``ends`` ("quit", "quit timeout",
+  "421", "closed by server", "timeout", "bad reply", ...).
+* The run's clock (``elapsed``, which the sending rate divides by) runs from the first
+  connection attempt to the last message's outcome (``settled``: its 250 or its
+  failure), or to the stop of an interrupted run or a hold: QUIT exchanges after the
+  last message (and a QUIT the server never answers) are not counted; a QUIT before a
+  sender's next connection is, as that connection waits for it.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from array import array
 from collections import Counter
 from typing import Any
@@ -161,8 +169,8 @@ class Stats:
     """Everything one run measures (see the module contract)."""
 
     __slots__ = ("bytes_in", "bytes_out", "connections_failed", "connections_made",
-                 "delivery", "extensions", "failed", "failures", "finished", "latency",
-                 "sent", "started", "unfinished")
+                 "delivery", "ends", "extensions", "failed", "failures", "finished",
+                 "latency", "sent", "settled", "started", "unfinished")
 
     def __init__(self) -> None:
         self.sent = 0
@@ -178,9 +186,14 @@ class Stats:
         self.delivery = Histogram()
         #: Extension name -> connections on which it was used (PIPELINING, CHUNKING, ...).
         self.extensions: dict[str, int] = {}
-        #: perf_counter() of the first connection attempt and of the last close.
+        #: Why connections ended -> how many (see the module contract).
+        self.ends: dict[str, int] = {}
+        #: perf_counter() of the first connection attempt and of the clock's end (see
+        #: the module contract).
         self.started = math.inf
         self.finished = 0.0
+        #: perf_counter() of the last message's outcome (sent or failed).
+        self.settled = 0.0
 
     def histograms(self) -> list[Histogram]:
         """Every histogram: one per stage, then delivery."""
@@ -189,6 +202,7 @@ class Stats:
     def fail(self, stage: int, cause: str) -> None:
         """Count one failed message, failed at ``stage`` because of ``cause``."""
         self.failed += 1
+        self.settled = time.perf_counter()
         key = f"{STAGES[stage]} {cause}"
         self.failures[key] = self.failures.get(key, 0) + 1
 
@@ -198,7 +212,7 @@ class Stats:
 
     @property
     def elapsed(self) -> float:
-        """Seconds from the first connection attempt to the last close."""
+        """Seconds the run's clock ran (see the module contract)."""
         return max(0.0, self.finished - self.started) if self.finished else 0.0
 
     def merge(self, other: Stats) -> None:
@@ -210,11 +224,14 @@ class Stats:
             self.failures[key] = self.failures.get(key, 0) + n
         for key, n in other.extensions.items():
             self.extensions[key] = self.extensions.get(key, 0) + n
+        for key, n in other.ends.items():
+            self.ends[key] = self.ends.get(key, 0) + n
         for mine, theirs in zip(self.latency, other.latency, strict=True):
             mine.merge(theirs)
         self.delivery.merge(other.delivery)
         self.started = min(self.started, other.started)
         self.finished = max(self.finished, other.finished)
+        self.settled = max(self.settled, other.settled)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -223,16 +240,18 @@ class Stats:
             "connections_failed": self.connections_failed, "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in, "latency": [h.to_dict() for h in self.latency],
             "delivery": self.delivery.to_dict(), "extensions": dict(self.extensions),
-            "started": self.started, "finished": self.finished,
+            "ends": dict(self.ends), "started": self.started, "finished": self.finished,
+            "settled": self.settled,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Stats:
         stats = cls()
         for name in ("sent", "failed", "unfinished", "connections_made", "connections_failed",
-                     "bytes_out", "bytes_in", "started", "finished"):
+                     "bytes_out", "bytes_in", "started", "finished", "settled"):
             setattr(stats, name, data[name])
         stats.failures = dict(data["failures"])
+        stats.ends = dict(data["ends"])
         stats.extensions = dict(data["extensions"])
         stats.latency = [Histogram.from_dict(h) for h in data["latency"]]
         stats.delivery = Histogram.from_dict(data["delivery"])

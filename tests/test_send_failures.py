@@ -60,7 +60,7 @@ def test_connection_refused() -> None:
     status, out, _ = run_send("-n", "5", "-s", "2", "-m", "5", "-p", str(free_port()))
     assert status == 1
     assert out["failures"] == {"connect refused": 5}
-    assert out["connections"] == {"made": 0, "failed": 5}
+    assert out["connections"] == {"made": 0, "failed": 5, "ended": {}}
 
 
 def test_silent_server_times_out() -> None:
@@ -141,4 +141,19 @@ def test_connect_timeout_when_the_listen_queue_is_full() -> None:
                                   "-p", str(listener.getsockname()[1]))
     assert status == 1
     assert out["failures"] == {"connect timeout": 3, "greeting timeout": 1}
-    assert out["connections"] == {"made": 1, "failed": 3}
+    assert out["connections"] == {"made": 1, "failed": 3, "ended": {"timeout": 1}}
+
+
+def test_a_quit_never_answered_is_reported_and_not_timed() -> None:
+    """The messages are sent; the QUITs time out. That shows as connections ended by
+    'quit timeout' (text and JSON), and the run's clock stops at the last message's 250,
+    not after the QUIT wait (before: counted nowhere, and 'seconds' included --timeout)."""
+    with FakeSMTP({"QUIT": SILENT}) as server:
+        status, out = send_to(server, "-n", "2", "-s", "2", "--timeout", "1.5")
+        text = subprocess.run([*spamsink_command(), "send", "-n", "1", "--timeout", "0.5",
+                               "-p", str(server.port)], capture_output=True, text=True,
+                              timeout=30, check=False)
+    assert status == 0 and out["sent"] == 2 and out["failed"] == 0
+    assert out["connections"]["ended"] == {"quit timeout": 2}
+    assert out["seconds"] < 1.0
+    assert "Connections ended: quit timeout 1" in text.stdout.splitlines()

@@ -37,7 +37,7 @@ def test_exact_count_over_reused_connections(sink: SinkProcess) -> None:
     status, out, _ = run_send("-n", "1000", "-s", "10", "-m", "10", "-p", str(sink.port))
     assert status == 0
     assert (out["sent"], out["failed"], out["unfinished"]) == (1000, 0, 0)
-    assert out["connections"] == {"made": 100, "failed": 0}
+    assert out["connections"] == {"made": 100, "failed": 0, "ended": {"quit": 100}}
     for stage in ("connect", "greeting", "ehlo", "mail", "rcpt", "data", "dot", "quit"):
         assert out["latency_ms"][stage]["count"] == (1000 if stage in
                                                      ("mail", "rcpt", "data", "dot") else 100)
