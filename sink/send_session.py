@@ -9,6 +9,12 @@ Contract:
   (:meth:`stop`), or back in the pool (taken but never put on the wire).
 * Replies are parsed fully (multi-line, split over reads, several per read); each one
   is matched to the command it answers and its wait is added to that stage's latency.
+  A reply that answers no command (none was written before it arrived) is, when it is
+  a 421, the server closing (an idle timeout between paced messages): the connection
+  ends as "421" and the message in progress, which the server never answered, goes
+  back to the pool for the next connection. Any other such reply is a protocol error
+  ("bad reply") of the message in progress, at the stage it was at (``mail`` while it
+  waits for its start time).
 * With ``--pipelining`` and a server offering PIPELINING, MAIL, the RCPTs and DATA go
   in one write, and the message text is sent together with the next message's
   commands (or QUIT), as RFC 2920 allows: about one round trip per message.
@@ -270,7 +276,7 @@ class SenderSession(asyncio.Protocol):
             if self._closing:
                 return
             if not answerable:
-                self._protocol_error(f"reply without a command: {reply_text(code, lines)}")
+                self._unsolicited(code, lines)
                 return
             answerable -= 1
             stage, sent_at = expect.popleft()
@@ -643,8 +649,22 @@ class SenderSession(asyncio.Protocol):
 
     # -- endings ----------------------------------------------------------------------
 
+    def _unsolicited(self, code: int, lines: list[bytes]) -> None:
+        """A reply that answers no command (see the module contract)."""
+        ctx = self._ctx
+        if code != 421:
+            self._protocol_error(f"reply without a command: {reply_text(code, lines)}")
+            return
+        if ctx.dialogue is not None:
+            ctx.dialogue.received(self._id, code, lines)
+        if self._in_msg and not self._msg_failed:
+            ctx.pool.give_back()
+            self._in_msg = False
+        self._close("421")
+
     def _protocol_error(self, text: str) -> None:
-        stage = self._expect[0][0] if self._expect else GREETING
+        # Nothing awaited: past the greeting, a paced message waiting to start (at MAIL).
+        stage = self._expect[0][0] if self._expect else MAIL
         self._fail(stage, "bad reply")
         if self._ctx.dialogue is not None:
             self._ctx.dialogue.note(self._id, text)

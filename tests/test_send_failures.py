@@ -157,3 +157,29 @@ def test_a_quit_never_answered_is_reported_and_not_timed() -> None:
     assert out["connections"]["ended"] == {"quit timeout": 2}
     assert out["seconds"] < 1.0
     assert "Connections ended: quit timeout 1" in text.stdout.splitlines()
+
+
+IDLE_421 = b"250 2.0.0 Ok: queued\r\n421 4.4.2 fake.example Error: timeout exceeded\r\n"
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_an_idle_421_between_messages_ends_the_connection(paced: bool) -> None:
+    """The server times the connection out right after a message: its 421 answers no
+    command. The connection ends as '421' and the next message, never answered, is sent
+    on the next connection (before: 'greeting bad reply')."""
+    rate = ("--rate", "4") if paced else ()
+    with FakeSMTP({".": IDLE_421}) as server:
+        status, out = send_to(server, "-n", "2", "-m", "2", *rate)
+    assert status == 0, out
+    assert (out["sent"], out["failed"]) == (2, 0)
+    assert out["connections"]["ended"] == {"421": 2}
+    assert len(server.messages) == 2
+
+
+def test_a_reply_without_a_command_past_the_greeting_fails_the_next_message() -> None:
+    with FakeSMTP({".": b"250 2.0.0 Ok: queued\r\n250 surprise\r\n"}) as server:
+        status, out = send_to(server, "-n", "2", "-m", "2", "--rate", "4")
+    assert status == 1
+    assert (out["sent"], out["failed"]) == (1, 1)
+    assert out["failures"] == {"mail bad reply": 1}
+    assert out["connections"]["ended"] == {"bad reply": 1}

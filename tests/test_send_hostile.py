@@ -209,3 +209,28 @@ def test_interrupt_cancels_connects_in_progress() -> None:
     out = json.loads(stdout)
     assert out["failures"] == {}
     assert (out["sent"], out["failed"], out["unfinished"], out["not_attempted"]) == (0, 0, 4, 0)
+
+
+def test_an_idle_timeout_421_during_a_paced_wait() -> None:
+    """/tmp/rev3/idle421.py's server: 421 and close 0.3 s after each message, while the
+    client waits (--rate 2) to start the next one. Before: 'greeting bad reply'."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 idle.example ESMTP\r\n")
+        while line := await reader.readline():
+            if line[:4].upper() == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 2.0.0 Ok: queued\r\n")
+                await asyncio.sleep(0.3)
+                writer.write(b"421 4.4.2 idle.example Error: timeout exceeded\r\n")
+                await writer.drain()
+                return
+            writer.write(b"250 ok\r\n")
+
+    with StreamServer(handler) as server:
+        status, out, _ = run_send("-n", "2", "-m", "2", "--rate", "2", "-p", str(server.port),
+                                  timeout=15)
+    assert status == 0, out
+    assert (out["sent"], out["failed"]) == (2, 0)
+    # the second connection's QUIT, sent at once, is what that 421 answers
+    assert out["connections"]["ended"] == {"421": 1, "quit": 1}
