@@ -12,7 +12,10 @@ Contract:
   A reply that answers no command (none was written before it arrived) is, when it is
   a 421, the server closing (an idle timeout between paced messages): the connection
   ends as "421" and the message in progress, which the server never answered, goes
-  back to the pool for the next connection. Any other such reply is a protocol error
+  back to the pool for the next connection, if an earlier message ended on this
+  connection; a connection's first message fails as ``4xx`` at its stage instead, so a
+  server that says 421 at once cannot make the client reconnect for ever. Any other
+  such reply is a protocol error
   ("bad reply") of the message in progress, at the stage it was at (``mail`` while it
   waits for its start time).
 * With ``--pipelining`` and a server offering PIPELINING, MAIL, the RCPTs and DATA go
@@ -179,6 +182,7 @@ class SenderSession(asyncio.Protocol):
         "_id",
         "_in_msg",
         "_last",
+        "_later",
         "_msg_failed",
         "_msg_start",
         "_next_held",
@@ -209,6 +213,7 @@ class SenderSession(asyncio.Protocol):
         self.done: asyncio.Future[None] = ctx.loop.create_future()
         self._reserved = reserved
         self._in_msg = True  # the runner took the first message's ticket
+        self._later = False  # a message after the connection's first has begun
         self._msg_failed = False
         self._msg_start = started
         self._next_held = False
@@ -413,6 +418,7 @@ class SenderSession(asyncio.Protocol):
         self._reserved -= 1
         self._in_msg = True
         self._msg_failed = False
+        self._later = True
         if ctx.pacer is not None:
             delay = ctx.pacer.delay()
             if delay > 0:
@@ -658,8 +664,11 @@ class SenderSession(asyncio.Protocol):
         if ctx.dialogue is not None:
             ctx.dialogue.received(self._id, code, lines)
         if self._in_msg and not self._msg_failed:
-            ctx.pool.give_back()
-            self._in_msg = False
+            if self._later:
+                ctx.pool.give_back()
+                self._in_msg = False
+            else:
+                self._fail(self._expect[0][0] if self._expect else MAIL, "4xx")
         self._close("421")
 
     def _protocol_error(self, text: str) -> None:

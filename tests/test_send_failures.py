@@ -183,3 +183,15 @@ def test_a_reply_without_a_command_past_the_greeting_fails_the_next_message() ->
     assert (out["sent"], out["failed"]) == (1, 1)
     assert out["failures"] == {"mail bad reply": 1}
     assert out["connections"]["ended"] == {"bad reply": 1}
+
+
+def test_a_421_right_after_the_greeting_fails_the_message_and_does_not_loop() -> None:
+    """220 and 421 in one read: the 421 answers no command, and no message ended on the
+    connection yet, so the message fails instead of going back to the pool (which would
+    reconnect for ever)."""
+    with FakeSMTP({"CONNECT": b"220 fake.example ESMTP\r\n421 4.3.2 busy\r\n"}) as server:
+        status, out = send_to(server, "-n", "3", "-m", "2")
+    assert status == 1
+    assert out["failures"] == {"ehlo 4xx": 3}
+    assert out["connections"]["ended"] == {"421": 3}
+    assert server.connections == 3
