@@ -21,6 +21,13 @@ Contract:
 * With ``--pipelining`` and a server offering PIPELINING, MAIL, the RCPTs and DATA go
   in one write, and the message text is sent together with the next message's
   commands (or QUIT), as RFC 2920 allows: about one round trip per message.
+* A refused MAIL or RCPT fails the message (``mail``/``rcpt`` with the reply's class),
+  with or without pipelining. Without it the client sends RSET at once. With it, DATA
+  is already on the wire; when the server still answers 354, the client does what RFC
+  2920 section 3.1 and a real MTA do: if some recipients were accepted it sends the
+  message text to them (never an empty message), if none were, only the ending dot.
+  Either way the message stays counted failed at its first refusal: it did not reach
+  every recipient it was meant for.
 * ``deadline`` is the ``perf_counter()`` time by which the awaited reply must arrive:
   ``--timeout`` after the last write or reply (infinite while nothing is awaited); the
   runner's sweep calls :meth:`timed_out`. A closing session (QUIT answered, 421, end
@@ -191,6 +198,7 @@ class SenderSession(asyncio.Protocol):
         "_partial",
         "_pipelining",
         "_rcpt_i",
+        "_refused",
         "_reserved",
         "_timer",
         "_tls",
@@ -219,6 +227,7 @@ class SenderSession(asyncio.Protocol):
         self._next_held = False
         self._next_start = 0.0
         self._rcpt_i = 0
+        self._refused = 0  # the current message's refused RCPTs (all when MAIL was)
         self._pipelining = False
         self._chunking = False
         self._tls = ctx.config.tls
@@ -468,6 +477,7 @@ class SenderSession(asyncio.Protocol):
 
     def _recover(self) -> None:
         """After a failed transaction: RSET, then the next message."""
+        self._refused = 0
         self._in_msg = False
         self._send(_RSET, RSET)
 
@@ -578,12 +588,14 @@ class SenderSession(asyncio.Protocol):
                 self._send(self._ctx.rcpt_cmds[0], RCPT)
             return
         self._fail(MAIL, code)
+        self._refused = self._ctx.rcpts  # no recipient of a refused MAIL is valid
         if not self._pipelining:
             self._recover()
 
     def _on_rcpt(self, code: int, lines: list[bytes], now: float) -> None:
         if code not in (250, 251):
             self._fail(RCPT, code)
+            self._refused += 1
             if not self._pipelining:
                 self._recover()
             return
@@ -603,10 +615,14 @@ class SenderSession(asyncio.Protocol):
             self._fail(DATA, code)
             self._recover()
             return
-        if self._msg_failed:  # a pipelined RCPT or MAIL failed: end the text at once
-            self._send(_DOT_ONLY, DOT)
-            return
         ctx = self._ctx
+        if self._msg_failed:  # a pipelined MAIL or RCPT was refused (module contract)
+            refused, self._refused = self._refused, 0
+            if refused >= ctx.rcpts:
+                self._send(_DOT_ONLY, DOT)
+            else:
+                self._send_many(ctx.messages.data_payload(), b"", (DOT,))
+            return
         payload = ctx.messages.data_payload()
         if not self._pipelining or ctx.pacer is not None:
             self._send_many(payload, b"", (DOT,))
@@ -643,6 +659,7 @@ class SenderSession(asyncio.Protocol):
         failed = self._msg_failed or code != 250
         self._finish_message(code == 250, BDAT, code, now)
         if failed:
+            self._refused = 0
             self._send(_RSET, RSET)
         else:
             self._start_message()

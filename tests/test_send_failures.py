@@ -195,3 +195,27 @@ def test_a_421_right_after_the_greeting_fails_the_message_and_does_not_loop() ->
     assert out["failures"] == {"ehlo 4xx": 3}
     assert out["connections"]["ended"] == {"421": 3}
     assert server.connections == 3
+
+
+def test_pipelining_with_a_refused_recipient_sends_the_text_to_the_accepted_ones() -> None:
+    """One of three recipients refused, DATA still accepted: the real message goes to the
+    two accepted ones (RFC 2920), never an empty one, and the message is counted failed
+    as without pipelining (where the client sends RSET instead)."""
+    refuse_second = {"RCPT": lambda n: b"550 5.1.1 rejected\r\n" if n == 2 else b"250 ok\r\n"}
+    with FakeSMTP(refuse_second) as server:
+        status, out = send_to(server, "-n", "1", "--rcpts", "3", "--pipelining")
+    with FakeSMTP(refuse_second) as plain:
+        plain_status, plain_out = send_to(plain, "-n", "1", "--rcpts", "3")
+    assert (status, out["failures"]) == (plain_status, plain_out["failures"]) == (
+        1, {"rcpt 5xx": 1})
+    assert out["extensions"] == {"PIPELINING": 1}
+    [text] = server.messages
+    assert b"Subject: spamsink send test message" in text and len(text) > 1024
+    assert plain.messages == [] and plain.counts.get("RSET") == 1
+
+
+def test_pipelining_with_every_recipient_refused_sends_only_the_dot() -> None:
+    with FakeSMTP({"RCPT": b"550 5.1.1 rejected\r\n"}) as server:
+        status, out = send_to(server, "-n", "2", "-m", "2", "--rcpts", "2", "--pipelining")
+    assert status == 1 and out["failures"] == {"rcpt 5xx": 2}
+    assert server.messages == [b"", b""]
