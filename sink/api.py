@@ -477,17 +477,26 @@ class ApiThread:
 
 def read_token(token: str | None, token_file: str | None) -> str | None:
     """The API token from ``--api-token`` or the first line of ``--api-token-file``;
-    ``ValueError`` with the reason when the file is unreadable or empty."""
+    ``ValueError`` with the reason when the file is unreadable or empty, or the token
+    is not printable ASCII without spaces (it travels in an HTTP header)."""
+    option = "--api-token"
     if token_file:
+        option = f"--api-token-file {token_file}"
         try:
-            with open(token_file, encoding="utf-8") as handle:
-                token = handle.readline().strip()
+            with open(token_file, "rb") as handle:
+                token = handle.readline().decode("ascii", "surrogateescape").strip()
         except OSError as exc:
             raise ValueError(f"cannot read --api-token-file {token_file}: "
                              f"{exc.strerror or exc}") from None
         if not token:
             raise ValueError(f"--api-token-file {token_file} is empty")
-    if token is not None and not token.strip():
+    if token is None:
+        return None
+    token = token.strip()
+    if not token:
         raise ValueError("--api-token is empty")
-    return token.strip() if token else None
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError(f"{option}: the token must be printable ASCII without spaces "
+                         f"(it travels in an HTTP header)")
+    return token
 

@@ -35,7 +35,9 @@ def parse_time(name: str, text: str, now: float | None = None) -> float:
     UTC) or an age (``90s``, ``30m``, ``24h``, ``7d``, ``2w``: that long before now).
     Always finite: ``nan``, ``inf`` and numbers beyond a float (``1e400``) are refused."""
     text = text.strip()
-    unit = _UNITS.get(text[-1:].lower()) if text[:-1].replace(".", "", 1).isdigit() else None
+    age = text[:-1]
+    digits = age.isascii() and age.replace(".", "", 1).isdigit()  # not "²", which isdigit()
+    unit = _UNITS.get(text[-1:].lower()) if digits else None
     number: float | None = None
     if unit is not None:
         number = (time.time() if now is None else now) - float(text[:-1]) * unit

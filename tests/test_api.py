@@ -186,6 +186,7 @@ def test_ips_pages_with_a_cursor(open_api: Client):
     ("/api/v1/ips?since=-Infinity", "since"),
     (f"/api/v1/ips?since={'9' * 400}d", "since"),
     ("/api/v1/sessions?since=NaN", "since"),
+    ("/api/v1/ips?since=%C2%B2d", "since"),  # "²d": "²".isdigit() but float("²") fails
     ("/api/v1/sessions?until=inf", "until"),
     ("/api/v1/export?since=1e400", "since"),
     ("/api/v1/ips?min_message=3", "min_message"),
@@ -497,3 +498,9 @@ def test_exposure_rules(tmp_path: Path):
         read_token(None, str(token_file))
     with pytest.raises(ValueError, match="cannot read"):
         read_token(None, str(tmp_path / "missing"))
+    token_file.write_bytes(b"tok\xff\n")  # a header could not carry it: refused at start
+    with pytest.raises(ValueError, match="printable ASCII"):
+        read_token(None, str(token_file))
+    for bad in ("tok\udcff", "two words", "t\u00e9"):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            read_token(bad, None)

@@ -74,6 +74,7 @@ def test_export_formats(tmp_path: Path, capsys):
     (["--since", "soon"], "--since: not a time"),
     (["--since", "nan"], "--since: not a finite time"),
     (["--until", "1e400"], "--until: not a finite time"),
+    (["--since", "\u00b2d"], "--since: not a time"),
     (["--min-messages", "x"], "--min-messages: not a whole number"),
     (["--flag", "nope"], "--flag: unknown flag 'nope'"),
 ])
