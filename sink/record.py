@@ -241,7 +241,9 @@ class Recorder:
         self.warn_interval = warn_interval
         self.on_tick = on_tick
         self.on_batch = on_batch
-        self.dropped = 0
+        # Dropped records, counted by the thread that dropped them.
+        self._dropped_full = 0
+        self._dropped_leftovers = 0
         self.written = 0
         # Lost records, counted by the thread that lost them.
         self._failed_prepares = 0
@@ -257,6 +259,11 @@ class Recorder:
         """Start the writer thread."""
         self._thread.start()
         return self
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped because the queue was full."""
+        return self._dropped_full + self._dropped_leftovers
 
     @property
     def failed(self) -> int:
@@ -282,7 +289,8 @@ class Recorder:
         if not rows:
             return  # the writer took them first
         if self._readied - self._taken + self._retrying + len(rows) > self.capacity:
-            self._drop(len(rows))
+            self._dropped_full += len(rows)
+            self._warn_full()
             return
         try:
             prepared = self._prepare(rows)
@@ -306,8 +314,7 @@ class Recorder:
             pass
         return taken
 
-    def _drop(self, count: int) -> None:
-        self.dropped += count
+    def _warn_full(self) -> None:
         now = time.monotonic()
         if now - self._last_warning >= self.warn_interval:
             self._last_warning = now
@@ -362,14 +369,24 @@ class Recorder:
             self._taken += taken  # out of ``depth`` (and the capacity) once written or lost
 
     def _prepare_leftovers(self) -> list[PreparedBatch]:
-        """The rows queued now, prepared in this thread (``batch`` at a time)."""
+        """The rows queued now, prepared in this thread (``batch`` at a time), as many
+        as the capacity leaves room for (a kept busy write and the batches waiting
+        count); the rest are dropped."""
         prepared: list[PreparedBatch] = []
         left = len(self._rows)
+        room = max(0, self.capacity - (self._readied - self._taken) - self._retrying)
         while left > 0:
             rows = self._take(min(left, self.batch))
             if not rows:
                 break
             left -= len(rows)
+            if len(rows) > room:
+                self._dropped_leftovers += len(rows) - room
+                self._warn_full()
+                rows = rows[:room]
+                if not rows:
+                    continue
+            room -= len(rows)
             try:
                 prepared.append(self._prepare(rows))
             except Exception:

@@ -17,7 +17,7 @@ Contract:
 
 Sessions are stored as *blocks* (schema 5): one row per written batch (at most
 ``BLOCK_ROWS`` sessions) holding the batch's sessions column by column (since schema
-6, a column of one repeated value as that value and a count), pickled with
+6, a column of one repeated value as that value once), pickled with
 plain values only (a reader refuses a block that names any class or function but
 ``int``/``str``), plus one ``session_ips`` row per distinct sender in it. A session's
 id is ``block << ID_SHIFT | position``, so ids grow in the order sessions were written.
@@ -150,9 +150,9 @@ UPDATE totals SET held = (SELECT coalesce(sum(held), 0) FROM ips),
     # was allowed to spend on recording. Existing sessions move into blocks in id
     # order (their ids change: ids are block-based from here on).
     (5, lambda conn: _sessions_into_blocks(conn)),
-    # Blocks may store a column whose sessions all hold one value as [value, sessions]
-    # (_encode_block). Nothing to convert (old blocks stay readable); the step is here
-    # so that an older spamsink, which cannot read such blocks, refuses the store.
+    # Blocks may store a column whose sessions all hold one value once (_encode_block).
+    # Nothing to convert (old blocks stay readable); the step is here so that an older
+    # spamsink refuses to write the store (its readers refuse such blocks as damaged).
     (6, lambda conn: None),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -504,30 +504,42 @@ def _encode_block(columns: Sequence[tuple], dead: tuple[int, ...] = (),
                   same: frozenset[int] | None = None) -> bytes:
     """A block's blob: the field names, one column per field (``SESSION_FIELDS``
     order) and the positions of deleted sessions, pickled (protocol 5: later Pythons
-    read it). A column is a tuple of the sessions' values or, when they all hold the
-    same value (``same``, found when not given; schema 6), the list ``[value,
-    sessions]``: a flood's block then pickles a few values per field instead of a
-    reference per session (5-7x smaller; BENCHMARKS.md, "Recording cost"). Columns, not a
-    tuple per session: a batch then allocates 26 containers instead of one per session,
-    which the cyclic garbage collector would have to walk."""
+    read it). A column is a tuple of the sessions' values; when they all hold the same
+    value (``same``, found when not given; schema 6) it is ``None`` and the value goes
+    in a fourth part, ``(sessions, ((position, value), ...))``: a flood's block then
+    pickles a few values per field instead of a reference per session (5-7x smaller;
+    BENCHMARKS.md, "Recording cost"), and a reader older than schema 6 refuses the block
+    as damaged instead of misreading it. Columns, not a tuple per session: a batch then
+    allocates 26 containers instead of one per session, which the cyclic garbage
+    collector would have to walk."""
     if same is None:
         same = _repeated(columns)
-    stored = [[column[0], len(column)] if index in same else column
-              for index, column in enumerate(columns)]
+    stored = tuple(None if index in same else column for index, column in enumerate(columns))
+    block: tuple = (SESSION_FIELDS, stored, dead)
+    if same:
+        block += ((len(columns[0]), tuple((index, columns[index][0]) for index in sorted(same))),)
     out = io.BytesIO()
-    _BlockPickler(out, protocol=5).dump((SESSION_FIELDS, tuple(stored), dead))
+    _BlockPickler(out, protocol=5).dump(block)
     return out.getvalue()
 
 
-def _expand(column: object) -> tuple:
-    """A stored column as a tuple of values (``[value, sessions]`` repeated); raises
-    ``ValueError`` for anything else."""
-    if isinstance(column, tuple):
-        return column
-    if (isinstance(column, list) and len(column) == 2 and type(column[1]) is int
-            and 0 < column[1] <= BLOCK_ROWS):
-        return (column[0],) * column[1]
-    raise ValueError(f"a column is a {type(column).__name__}")
+def _columns(stored: tuple, repeated: tuple = ()) -> list[tuple]:
+    """A block's columns from its stored ones and, if any, its repeated values
+    (``(sessions, ((position, value), ...))``); ``ValueError`` when they do not fit."""
+    columns = list(stored)
+    if repeated:
+        size, values = repeated
+        if type(size) is not int or not 0 < size <= BLOCK_ROWS:
+            raise ValueError(f"a block of {size!r} sessions")
+        for index, value in values:
+            if (type(index) is not int or not 0 <= index < len(columns)
+                    or columns[index] is not None):
+                raise ValueError(f"a repeated value for column {index!r}")
+            columns[index] = (value,) * size
+    for column in columns:
+        if not isinstance(column, tuple):
+            raise ValueError(f"a column is a {type(column).__name__}")
+    return columns
 
 
 def _encode_rows(rows: Sequence[tuple | None]) -> bytes:
@@ -542,8 +554,8 @@ def _decode_block(data: bytes) -> list[tuple | None]:
     ones (a block written with other fields is mapped by name; fields it lacks get
     ``SESSION_DEFAULTS``)."""
     try:
-        fields, stored, dead = _PlainUnpickler(io.BytesIO(data)).load()
-        columns = [_expand(column) for column in stored]
+        fields, stored, dead, *repeated = _PlainUnpickler(io.BytesIO(data)).load()
+        columns = _columns(stored, *repeated)
         if tuple(fields) != SESSION_FIELDS:
             size = len(columns[0]) if columns else 0
             by_name = dict(zip(fields, columns, strict=True))
@@ -628,7 +640,10 @@ def _blank_sessions(conn: sqlite3.Connection, block: int,
 
 def _unfold(conn: sqlite3.Connection, sessions: Sequence[tuple]) -> None:
     """Take deleted ``sessions`` out of the rate buckets and the tarpitted total (the
-    other totals are taken from the sender's aggregate, which holds them all)."""
+    other totals are taken from the sender's aggregate, which holds them all). Sessions
+    that retention already removed are not here: their share of the buckets (kept two
+    days) and of the tarpitted count stays, which matters only with a retention under
+    two days or for the all-time tarpitted count."""
     per_bucket: dict[int, list[int]] = {}
     tarpitted = 0
     for row in sessions:
@@ -903,6 +918,9 @@ class SQLiteReader(StoreReader):
         if version < SCHEMA_VERSION:
             raise StoreError(f"the store {self.path} has schema version {version}; start "
                              f"`spamsink serve` once to upgrade it to {SCHEMA_VERSION}")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the store {self.path} has schema version {version}, newer "
+                             f"than this spamsink ({SCHEMA_VERSION}); upgrade spamsink")
 
     def _open(self) -> sqlite3.Connection:
         conn = _connect(self.path, create=False)

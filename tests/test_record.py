@@ -277,3 +277,21 @@ def test_retention_runs_in_the_writer(tmp_path: Path):
     reader = open_reader(tmp_path)
     assert [s["client_ip"] for s in reader.sessions(SessionFilter())] == ["192.0.2.2"]
     assert reader.ip("192.0.2.1") is not None
+
+
+def test_a_kept_busy_write_counts_against_the_capacity_in_the_quiet_case():
+    batches = Batches()
+    batches.busy = 1_000_000
+    recorder = batches.recorder(batch=100, capacity=250, interval=0.02)
+    for _ in range(20):  # fewer than a batch per interval: the writer takes them itself
+        for _ in range(40):
+            recorder.submit(record())
+        time.sleep(0.03)
+        assert recorder.depth <= 250 + 40
+    deadline = time.monotonic() + 5
+    while recorder.dropped < 800 - 250 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert recorder.depth == 250 and recorder.dropped == 800 - 250
+    batches.busy = 0
+    recorder.close()
+    assert recorder.written == 250 and recorder.failed == 0

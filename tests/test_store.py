@@ -237,6 +237,8 @@ def test_a_newer_schema_is_refused(tmp_path: Path):
     writer.close()
     with pytest.raises(StoreError, match="newer than this spamsink"):
         open_writer(tmp_path)
+    with pytest.raises(StoreError, match="newer than this spamsink"):
+        open_reader(tmp_path)  # it could misread blocks it does not know
 
 
 def test_missing_store_is_a_clear_error(tmp_path: Path):

@@ -53,23 +53,44 @@ def test_a_flood_block_stores_each_repeated_column_once():
     assert same == frozenset(range(len(SESSION_FIELDS))) - varying
     squeezed, full = _encode_block(columns), _encode_block(columns, same=frozenset())
     assert len(squeezed) * 3 < len(full)
-    stored = pickle.loads(squeezed)[1]
-    assert stored[SESSION_FIELDS.index("persona")] == ["postfix", 1000]
+    _, stored, _, (size, values) = pickle.loads(squeezed)
+    persona = SESSION_FIELDS.index("persona")
+    assert stored[persona] is None and (persona, "postfix") in values and size == 1000
     expected = [tuple(str(v) if isinstance(v, EndReason) else v for v in row) for row in rows]
     assert _decode_block(squeezed) == _decode_block(full) == expected
 
 
-def test_one_session_is_stored_in_full():
+def test_one_session_is_stored_in_full_as_schema_5_wrote_it():
     columns = list(zip(*flood(1), strict=True))
     assert _repeated(columns) == frozenset()
-    assert all(type(c) is tuple for c in pickle.loads(_encode_block(columns))[1])
+    block = pickle.loads(_encode_block(columns))
+    assert len(block) == 3 and all(type(c) is tuple for c in block[1])
 
 
-@pytest.mark.parametrize("column", [["x", 0], ["x", BLOCK_ROWS + 1], ["x", "3"], ["x", 2.0],
-                                    ["x"], {"x": 1}])
-def test_a_damaged_repeated_column_is_refused(column):
+def test_a_reader_before_schema_6_refuses_a_block_with_repeated_columns():
+    columns = list(zip(*flood(2), strict=True))  # two sessions: a [value, 2] would fit
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        _, _, _ = pickle.loads(_encode_block(columns))  # what schema 5 did
+
+
+_HELO = SESSION_FIELDS.index("helo")
+
+
+@pytest.mark.parametrize("repeated", [
+    (0, ((_HELO, "x"),)), (BLOCK_ROWS + 1, ((_HELO, "x"),)), ("3", ((_HELO, "x"),)),
+    (1, ((len(SESSION_FIELDS), "x"),)), (1, ((-1, "x"),)), (1, ((0, 1.0),)),
+    (1, (("0", "x"),)), (1, ((_HELO, "x"), (_HELO, "y"))), (1,), "xy",
+])
+def test_a_damaged_repeated_column_is_refused(repeated):
     columns = [(v,) for v in flood(1)[0]]
-    columns[SESSION_FIELDS.index("helo")] = column
+    columns[_HELO] = None
+    with pytest.raises(StoreError, match="damaged"):
+        _decode_block(pickle.dumps((SESSION_FIELDS, tuple(columns), (), repeated), 5))
+
+
+def test_a_column_left_out_without_a_repeated_value_is_refused():
+    columns = [(v,) for v in flood(1)[0]]
+    columns[_HELO] = None
     with pytest.raises(StoreError, match="damaged"):
         _decode_block(pickle.dumps((SESSION_FIELDS, tuple(columns), ()), 5))
 
