@@ -5,7 +5,8 @@ Contract: :func:`run_workers` forks ``config.procs`` workers, each running
 :class:`RunResult`. Workers share nothing on the hot path: each publishes its counters
 into its own slot of a shared array a few times a second (for the progress line) and
 sends its result through its own pipe at the end. The parent sleeps in ``wait()`` on
-those pipes (no busy loop) and forwards SIGINT/SIGTERM to the workers. A worker that
+those pipes (no busy loop) and forwards SIGINT/SIGTERM to the workers, which run in
+their own process groups so that a terminal's Ctrl-C reaches each of them once. A worker that
 dies without a result raises ``RuntimeError``.
 """
 
@@ -26,6 +27,9 @@ _FIELDS = 3  # sent, failed, open connections
 
 def _worker(config: SendConfig, index: int, pipe: Connection, counters) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the runner installs its handler
+    # Out of the terminal's process group: a Ctrl-C reaches the parent alone, which
+    # forwards it once (a worker given it twice would abort instead of closing).
+    os.setpgid(0, 0)
     use_uvloop()
     base = index * _FIELDS
 

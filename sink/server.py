@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -414,6 +415,8 @@ def _watch_lifeline(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Non
     """In a worker: set ``stop`` when the supervisor's end of standard input closes
     (the supervisor is gone), so no worker keeps serving on its own."""
     fd = sys.stdin.fileno()
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return  # not started by a supervisor (--worker-index by hand): nothing to watch
 
     def check() -> None:
         try:

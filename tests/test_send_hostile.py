@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -234,3 +235,29 @@ def test_an_idle_timeout_421_during_a_paced_wait() -> None:
     assert (out["sent"], out["failed"]) == (2, 0)
     # the second connection's QUIT, sent at once, is what that 421 answers
     assert out["connections"]["ended"] == {"421": 1, "quit": 1}
+
+
+def test_ctrl_c_with_procs_closes_gracefully_then_a_second_aborts() -> None:
+    """A terminal's Ctrl-C goes to the whole process group. Before, --procs workers got
+    it from the terminal and again from the parent, and aborted at once."""
+    in_data = threading.Event()
+    with deaf_after_data(in_data) as server:
+        proc = subprocess.Popen([*spamsink_command(), "send", "--json", "--procs", "2", "-n",
+                                 "2", "-s", "2", "-b", "16M", "--timeout", "30", "-p",
+                                 str(server.port)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert in_data.wait(15)
+            time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+            time.sleep(0.6)
+            assert proc.poll() is None  # closing gracefully: waiting for the server
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=8)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, stderr
+    out = json.loads(stdout)
+    assert out["interrupted"] is True and out["sent"] == 0 and out["unfinished"] >= 1
