@@ -3,7 +3,6 @@ and ``sent + failed`` is exactly ``-n`` (real sockets, a scripted asyncio server
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -12,7 +11,15 @@ import time
 import pytest
 
 from tests.support import free_port, spamsink_command
-from tests.test_send_support import CLOSE, EHLO_LINES, SILENT, FakeSMTP, run_send
+from tests.test_send_support import (
+    CLOSE,
+    EHLO_LINES,
+    SILENT,
+    FakeSMTP,
+    interrupted_summary,
+    run_send,
+    send_running,
+)
 
 
 def send_to(server: FakeSMTP, *args: str) -> tuple[int, dict]:
@@ -114,19 +121,14 @@ def test_replies_one_byte_at_a_time_are_parsed_whole() -> None:
 
 
 def test_interrupt_prints_the_summary_and_exits_130() -> None:
-    with FakeSMTP(delay=0.2) as server:
-        proc = subprocess.Popen([*spamsink_command(), "send", "--json", "-t", "60", "-s", "3",
-                                 "-m", "1000", "-p", str(server.port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with FakeSMTP(delay=0.2) as server, send_running(
+            "-t", "60", "-s", "3", "-m", "1000", "-p", str(server.port)) as proc:
         deadline = time.monotonic() + 30
         while server.counts.get(".", 0) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # their replies (0.2 s late) have arrived
         proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=20)
-    out = json.loads(stdout)
-    assert proc.returncode == 130
-    assert out["interrupted"] is True
+        out = interrupted_summary(proc, timeout=20)
     assert out["unfinished"] == 3  # one message on the wire per sender
     assert out["sent"] >= 3 and out["failed"] == 0
 

@@ -8,17 +8,15 @@ every run must end by itself, with the right buckets.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from tests.support import free_port, spamsink_command
-from tests.test_send_support import run_send
+from tests.support import free_port
+from tests.test_send_support import interrupted_summary, run_send, send_running
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -150,25 +148,15 @@ def test_a_second_interrupt_aborts_at_once() -> None:
     """The first SIGINT closes the stalled connection gracefully (a 10 s grace with
     --timeout 30); the second aborts it now, and the summary is printed."""
     in_data = threading.Event()
-    with deaf_after_data(in_data) as server:
-        proc = subprocess.Popen([*spamsink_command(), "send", "--json", "-n", "1", "-b", "16M",
-                                 "--timeout", "30", "-p", str(server.port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert in_data.wait(15)
-            time.sleep(0.3)  # the text is being written
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.3)
-            assert proc.poll() is None  # still waiting for the server to take the text
-            proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=6)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert proc.returncode == 130, stderr
-    out = json.loads(stdout)
-    assert out["interrupted"] is True
+    with deaf_after_data(in_data) as server, send_running(
+            "-n", "1", "-b", "16M", "--timeout", "30", "-p", str(server.port)) as proc:
+        assert in_data.wait(15)
+        time.sleep(0.3)  # the text is being written
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert proc.poll() is None  # still waiting for the server to take the text
+        proc.send_signal(signal.SIGINT)
+        out = interrupted_summary(proc, timeout=6)
     assert (out["sent"], out["failed"], out["unfinished"]) == (0, 0, 1)
 
 
@@ -194,20 +182,11 @@ def test_end_of_hold_cancels_connects_in_progress() -> None:
 
 
 def test_interrupt_cancels_connects_in_progress() -> None:
-    with full_listen_queue() as listener:
-        proc = subprocess.Popen([*spamsink_command(), "send", "--json", "-n", "4", "-s", "4",
-                                 "--timeout", "30", "-p", str(listener.getsockname()[1])],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.0)
-            proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=8)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert proc.returncode == 130, stderr
-    out = json.loads(stdout)
+    with full_listen_queue() as listener, send_running(
+            "-n", "4", "-s", "4", "--timeout", "30", "-p", str(listener.getsockname()[1])) as proc:
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out = interrupted_summary(proc, timeout=8)
     assert out["failures"] == {}
     assert (out["sent"], out["failed"], out["unfinished"], out["not_attempted"]) == (0, 0, 4, 0)
 
@@ -241,23 +220,14 @@ def test_ctrl_c_with_procs_closes_gracefully_then_a_second_aborts() -> None:
     """A terminal's Ctrl-C goes to the whole process group. Before, --procs workers got
     it from the terminal and again from the parent, and aborted at once."""
     in_data = threading.Event()
-    with deaf_after_data(in_data) as server:
-        proc = subprocess.Popen([*spamsink_command(), "send", "--json", "--procs", "2", "-n",
-                                 "2", "-s", "2", "-b", "16M", "--timeout", "30", "-p",
-                                 str(server.port)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            assert in_data.wait(15)
-            time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
-            time.sleep(0.6)
-            assert proc.poll() is None  # closing gracefully: waiting for the server
-            proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=8)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert proc.returncode == 130, stderr
-    out = json.loads(stdout)
-    assert out["interrupted"] is True and out["sent"] == 0 and out["unfinished"] >= 1
+    with deaf_after_data(in_data) as server, send_running(
+            "--procs", "2", "-n", "2", "-s", "2", "-b", "16M", "--timeout", "30", "-p",
+            str(server.port), new_session=True) as proc:
+        assert in_data.wait(15)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        time.sleep(0.6)
+        assert proc.poll() is None  # closing gracefully: waiting for the server
+        proc.send_signal(signal.SIGINT)
+        out = interrupted_summary(proc, timeout=8)
+    assert out["sent"] == 0 and out["unfinished"] >= 1

@@ -12,7 +12,8 @@ import asyncio
 import json
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tests.support import free_port, spamsink_command
@@ -35,6 +36,31 @@ def run_send(*args: str, timeout: float = 60.0) -> tuple[int, dict[str, Any], st
     except json.JSONDecodeError:
         raise AssertionError(f"not JSON: {proc.stdout!r}\nstderr: {proc.stderr}") from None
     return proc.returncode, data, proc.stderr
+
+
+@contextmanager
+def send_running(*args: str, new_session: bool = False) -> Iterator[subprocess.Popen[str]]:
+    """``spamsink send --json ARGS`` running while the test signals it (in a process
+    group of its own with ``new_session``); killed if it is still running at the end."""
+    proc = subprocess.Popen([*spamsink_command(), "send", "--json", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=new_session)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def interrupted_summary(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The JSON summary of an interrupted ``send_running`` run, which must exit 130
+    within ``timeout`` seconds."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 130, stderr
+    out = json.loads(stdout)
+    assert out["interrupted"] is True
+    return out
 
 
 class _Session(asyncio.Protocol):
