@@ -644,19 +644,13 @@ def _unfold(conn: sqlite3.Connection, sessions: Sequence[tuple]) -> None:
     that retention already removed are not here: their share of the buckets (kept two
     days) and of the tarpitted count stays, which matters only with a retention under
     two days or for the all-time tarpitted count."""
-    per_bucket: dict[int, list[int]] = {}
-    tarpitted = 0
-    for row in sessions:
-        t = int(row[_END]) // BUCKET * BUCKET
-        bucket = per_bucket.setdefault(t, [0, 0, 0])
-        bucket[0] += 1
-        bucket[1] += row[_MSGS]
-        bucket[2] += row[_BYTES]
-        tarpitted += bool(row[_FLAGS] & F_TARPITTED)
-    conn.executemany("UPDATE buckets SET sessions = sessions - ?, messages = messages - ?, "
-                     "bytes = bytes - ? WHERE t = ?", [(*b, t) for t, b in per_bucket.items()])
-    if tarpitted:
-        conn.execute("UPDATE totals SET tarpitted = tarpitted - ?", (tarpitted,))
+    if not sessions:
+        return
+    columns = list(zip(*sessions, strict=True))
+    conn.executemany("UPDATE buckets SET sessions = sessions - ?2, messages = messages - ?3, "
+                     "bytes = bytes - ?4 WHERE t = ?1",
+                     _buckets(columns[_END], columns[_MSGS], columns[_BYTES]))
+    conn.execute("UPDATE totals SET tarpitted = tarpitted - ?", (_tarpitted(columns[_FLAGS]),))
 
 
 def store_path(data: Path) -> Path:
@@ -714,25 +708,37 @@ def _fold(columns: list[tuple], same: frozenset[int]) -> tuple[
         tarpitted = sessions if union & F_TARPITTED else 0
     else:
         union = reduce(or_, flags, 0)
-        tarpitted = sum(map(F_TARPITTED.__and__, flags)) // F_TARPITTED
+        tarpitted = _tarpitted(flags)
     totals = BatchSums(sessions, messages, sum(columns[_RCPT]), size, sum(columns[_HELD]),
                        sum(columns[_SEGS]), tarpitted)
     buckets: list[tuple[int, ...]]
     if int(first_end) // BUCKET == int(last_end) // BUCKET:
         buckets = [(int(first_end) // BUCKET * BUCKET, sessions, messages, size)]
     else:
-        per_bucket: dict[int, list[int]] = {}
-        for end, n_msgs, n_bytes in zip(ends, columns[_MSGS], columns[_BYTES], strict=True):
-            t = int(end) // BUCKET * BUCKET
-            bucket = per_bucket.setdefault(t, [t, 0, 0, 0])
-            bucket[1] += 1
-            bucket[2] += n_msgs
-            bucket[3] += n_bytes
-        buckets = [tuple(b) for b in per_bucket.values()]
+        buckets = _buckets(ends, columns[_MSGS], columns[_BYTES])
     pairs = ({(ips[0], locals_[0])} if _IP in same and _LOCAL in same
              else set(zip(ips, locals_, strict=True)))
     meta = (first_end, last_end, sessions, union)
     return meta, _senders(columns, same), pairs, buckets, totals
+
+
+def _buckets(ends: Sequence[float], messages: Sequence[int],
+             sizes: Sequence[int]) -> list[tuple[int, ...]]:
+    """One ``_UPSERT_BUCKET`` row (start, sessions, messages, bytes) per rate bucket
+    the sessions given column by column ended in."""
+    per_bucket: dict[int, list[int]] = {}
+    for end, n_msgs, n_bytes in zip(ends, messages, sizes, strict=True):
+        t = int(end) // BUCKET * BUCKET
+        bucket = per_bucket.setdefault(t, [t, 0, 0, 0])
+        bucket[1] += 1
+        bucket[2] += n_msgs
+        bucket[3] += n_bytes
+    return [tuple(b) for b in per_bucket.values()]
+
+
+def _tarpitted(flags: Sequence[int]) -> int:
+    """How many of the sessions with these flags were tarpitted."""
+    return sum(map(F_TARPITTED.__and__, flags)) // F_TARPITTED
 
 
 _SENDER_FIELDS = (_START, _END, _HELO, _MSGS, _RCPT, _BYTES, _FLAGS, _HELD, _SEGS)
