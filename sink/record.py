@@ -204,13 +204,13 @@ class Recorder:
     waits about ``interval + gap`` seconds at most. When the prepared batches waiting
     or being written hold ``capacity`` records, the next batch is dropped instead,
     counted in ``dropped``, and a warning is logged at most once per ``warn_interval``
-    seconds. ``close`` writes everything
-    still queued and stops the thread. A write that raises :class:`StoreBusy` is kept
-    and tried again, first in the next write (its records count towards ``depth`` and
-    the capacity meanwhile; a warning is logged at most once per ``warn_interval``);
-    at ``close`` it is tried once more and then counted in ``failed``. Any other failing
-    prepare or write is logged, its records counted in ``failed``, and recording carries
-    on. ``on_tick`` runs in the
+    seconds. ``close`` writes everything still queued and stops the thread.
+
+    A write that raises :class:`StoreBusy` is kept and tried again, first in the next
+    write (its records count towards ``depth`` and the capacity meanwhile; a warning is
+    logged at most once per ``warn_interval``); at ``close`` it is tried once more and
+    then counted in ``failed``. Any other failing prepare or write is logged, its
+    records counted in ``failed``, and recording carries on. ``on_tick`` runs in the
     writer thread after every wake-up (metrics sampling, retention); ``on_batch`` after
     every write with the batches written and the seconds the write took.
     """
@@ -350,10 +350,10 @@ class Recorder:
                 return
 
     def _drain(self, leftovers: bool, stopping: bool = False) -> None:
-        """Write a write kept from a busy store, the prepared batches and, with
-        ``leftovers``, the rows not yet prepared (those queued when the wake-up came: a
-        busy submitter cannot keep the writer here), in one write; ``stopping``: the
-        last one."""
+        """In one write: the batches a busy store could not take last time, the
+        prepared batches and, with ``leftovers``, the rows not yet prepared (those
+        queued when the wake-up came: a busy submitter cannot keep the writer here);
+        ``stopping``: the last write."""
         ready = self._ready
         batches, self._retry = self._retry, []
         fresh: list[PreparedBatch] = []
