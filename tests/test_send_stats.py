@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from sink.send_stats import DOT, MAIL, STAGES, Histogram, Stats
+from sink.send_stats import (
+    DOT,
+    MAIL,
+    STAGES,
+    Histogram,
+    Stats,
+    _bucket_bounds,
+    _first_micro,
+    _index,
+)
 
 
 def exact_percentile(values: list[float], p: float) -> float:
@@ -43,6 +53,32 @@ def test_huge_values_are_clamped_not_lost() -> None:
     hist.add(10 ** 7)  # four months
     assert hist.count == 1 and hist.max == 10 ** 7
     assert hist.percentile(99) <= hist.max
+
+
+def test_bucket_bounds_are_where_the_bucket_changes() -> None:
+    bounds = _bucket_bounds()
+    for index in range(2047):
+        bound = bounds[index]
+        assert _index(int(bound * 1_000_000)) == index + 1 == _index(_first_micro(index + 1))
+        assert _index(int(math.nextafter(bound, 0) * 1_000_000)) == index
+
+
+def test_a_fold_counts_each_sample_in_its_bucket() -> None:
+    """Sorting and counting runs of a bucket gives what bucketing each sample gives,
+    for samples on and next to every bucket edge, negative and huge ones."""
+    rng = random.Random(3)
+    values = [rng.lognormvariate(-8, 3) for _ in range(5000)] + [-0.001, 0.0, 1e9]
+    for bound in _bucket_bounds()[:300:7]:
+        values += [bound, math.nextafter(bound, 0), math.nextafter(bound, 1)]
+    expected = [0] * 2048
+    for v in values:
+        expected[_index(int(v * 1_000_000))] += 1
+    hist = Histogram()
+    for chunk in (values[:1000], values[1000:]):  # two folds add up
+        hist.pending.extend(chunk)
+        hist.fold()
+    assert hist.counts == expected
+    assert hist.count == len(values) and hist.max == max(values)
 
 
 def test_merge_equals_recording_everything_in_one() -> None:
