@@ -283,7 +283,7 @@ class SenderSession(asyncio.Protocol):
             if not replies:
                 return
         self._last = now = _perf()
-        record, dialogue, expect = ctx.record, ctx.dialogue, self._expect
+        expect = self._expect
         # Replies in this read can only answer commands written before it arrived.
         answerable = len(expect)
         for code, lines in replies:
@@ -294,9 +294,9 @@ class SenderSession(asyncio.Protocol):
                 return
             answerable -= 1
             stage, sent_at = expect.popleft()
-            record[stage](now - sent_at)
-            if dialogue is not None:
-                dialogue.received(self._id, code, lines)
+            ctx.record[stage](now - sent_at)
+            if ctx.dialogue is not None:
+                ctx.dialogue.received(self._id, code, lines)
             if code == 421 and stage != QUIT:
                 self._fail(stage, "4xx")
                 self._close("421")
@@ -390,7 +390,8 @@ class SenderSession(asyncio.Protocol):
 
     # -- writing ----------------------------------------------------------------------
 
-    def _send(self, command: bytes, stage: int) -> None:
+    def _send(self, command: bytes, stage: int) -> float:
+        """Write ``command``, awaiting its reply; returns when it was written."""
         ctx = self._ctx
         now = _perf()  # before the write: a fast reply can arrive while write() runs
         self._transport.write(command)  # type: ignore[union-attr]
@@ -399,9 +400,11 @@ class SenderSession(asyncio.Protocol):
         self._last = now
         if ctx.dialogue is not None:
             ctx.dialogue.sent(self._id, command)
+        return now
 
-    def _send_many(self, payload: bytes, commands: bytes, stages: tuple[int, ...]) -> None:
-        """Message text (may be empty) followed by commands, in one write."""
+    def _send_many(self, payload: bytes, commands: bytes, stages: tuple[int, ...]) -> float:
+        """Message text (may be empty) followed by commands, in one write; returns when
+        it was written."""
         ctx = self._ctx
         now = _perf()
         self._transport.write(payload + commands if payload else commands)  # type: ignore[union-attr]
@@ -414,6 +417,7 @@ class SenderSession(asyncio.Protocol):
             if payload:
                 ctx.dialogue.payload(self._id, payload)
             ctx.dialogue.sent(self._id, commands)
+        return now
 
     # -- message flow -----------------------------------------------------------------
 
@@ -440,22 +444,21 @@ class SenderSession(asyncio.Protocol):
         the first message of a connection keeps its clock, started at connect."""
         self._timer = None
         ctx = self._ctx
-        if restart_clock:
-            self._msg_start = _perf()
-        if self._pipelining:
-            if self._chunking:
-                self._send_bdat(ctx.messages.bdat_payload(), ctx.mail_cmd + ctx.rcpt_block,
-                                ctx.data_stages[:-1])
-            else:
-                self._send_many(b"", ctx.group, ctx.data_stages)
-        else:
+        if not self._pipelining:
             self._rcpt_i = 0
-            self._send(ctx.mail_cmd, MAIL)
+            started = self._send(ctx.mail_cmd, MAIL)
+        elif self._chunking:
+            started = self._send_bdat(ctx.messages.bdat_payload(),
+                                      ctx.mail_cmd + ctx.rcpt_block, ctx.data_stages[:-1])
+        else:
+            started = self._send_many(b"", ctx.group, ctx.data_stages)
+        if restart_clock:
+            self._msg_start = started
 
     def _send_bdat(self, payload: bytes, before: bytes = b"",
-                   before_stages: tuple[int, ...] = ()) -> None:
+                   before_stages: tuple[int, ...] = ()) -> float:
         """``before`` (pipelined MAIL and RCPTs), then BDAT LAST with ``payload``, in one
-        write."""
+        write; returns when it was written."""
         ctx = self._ctx
         command = before + b"BDAT %d LAST\r\n" % len(payload)
         now = _perf()
@@ -468,6 +471,7 @@ class SenderSession(asyncio.Protocol):
         if ctx.dialogue is not None:
             ctx.dialogue.sent(self._id, command)
             ctx.dialogue.payload(self._id, payload)
+        return now
 
     def _fail(self, stage: int, cause: str | int) -> None:
         """Count the current message failed at ``stage`` (once per message)."""
