@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from functools import cache
 from typing import Any
 
 #: Stages of an SMTP session, in dialogue order; latency is kept for each.
@@ -64,22 +63,27 @@ def _first_micro(index: int) -> int:
     return (index - (shift << 6)) << shift
 
 
-@cache
-def _bucket_bounds() -> tuple[float, ...]:
-    """Per bucket, the least duration in seconds that belongs to a later bucket
-    (``inf`` for the last): exactly where ``_index(int(seconds * 1e6))`` changes,
-    floating-point rounding included. Built on the first fold (about a millisecond)."""
-    bounds = []
-    for index in range(1, _BUCKETS):
-        upper = _first_micro(index)
-        seconds = upper / _MICROS
-        while int(seconds * _MICROS) >= upper:
-            seconds = math.nextafter(seconds, -math.inf)
-        while int(seconds * _MICROS) < upper:
-            seconds = math.nextafter(seconds, math.inf)
-        bounds.append(seconds)
-    bounds.append(math.inf)
-    return tuple(bounds)
+#: Bucket index -> :func:`bucket_end` of it, for the buckets folds have met.
+_ENDS: dict[int, float] = {}
+
+
+def bucket_end(index: int) -> float:
+    """The least duration in seconds that falls in a bucket after ``index`` (``inf`` for
+    the last): exactly where ``_index(int(seconds * 1e6))`` passes ``index``,
+    floating-point rounding included. Computed once per bucket."""
+    end = _ENDS.get(index)
+    if end is None:
+        if index == _BUCKETS - 1:
+            end = math.inf
+        else:
+            upper = _first_micro(index + 1)
+            end = upper / _MICROS
+            while int(end * _MICROS) >= upper:
+                end = math.nextafter(end, -math.inf)
+            while int(end * _MICROS) < upper:
+                end = math.nextafter(end, math.inf)
+        _ENDS[index] = end
+    return end
 
 
 class Histogram:
@@ -116,12 +120,13 @@ class Histogram:
         top = max(pending)
         if top > self._max:
             self._max = top
-        counts, bounds = self._counts, _bucket_bounds()
+        counts, ends = self._counts, _ENDS
         pending.sort()
-        start, end = 0, len(pending)
-        while start < end:
+        start, size = 0, len(pending)
+        while start < size:
             index = _index(int(pending[start] * _MICROS))
-            stop = bisect_left(pending, bounds[index], start)
+            end = ends.get(index)
+            stop = bisect_left(pending, bucket_end(index) if end is None else end, start)
             counts[index] += stop - start
             start = stop
         pending.clear()

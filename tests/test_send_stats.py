@@ -13,9 +13,9 @@ from sink.send_stats import (
     STAGES,
     Histogram,
     Stats,
-    _bucket_bounds,
     _first_micro,
     _index,
+    bucket_end,
 )
 
 
@@ -55,21 +55,24 @@ def test_huge_values_are_clamped_not_lost() -> None:
     assert hist.percentile(99) <= hist.max
 
 
-def test_bucket_bounds_are_where_the_bucket_changes() -> None:
-    bounds = _bucket_bounds()
+def test_each_bucket_ends_where_the_next_one_starts() -> None:
     for index in range(2047):
-        bound = bounds[index]
-        assert _index(int(bound * 1_000_000)) == index + 1 == _index(_first_micro(index + 1))
-        assert _index(int(math.nextafter(bound, 0) * 1_000_000)) == index
+        first = _first_micro(index + 1)
+        assert _index(first) == index + 1 and _index(first - 1) == index
+        end = bucket_end(index)
+        assert _index(int(end * 1_000_000)) == index + 1
+        assert _index(int(math.nextafter(end, 0) * 1_000_000)) == index
+    assert bucket_end(2047) == math.inf
 
 
 def test_a_fold_counts_each_sample_in_its_bucket() -> None:
     """Sorting and counting runs of a bucket gives what bucketing each sample gives,
     for samples on and next to every bucket edge, negative and huge ones."""
     rng = random.Random(3)
-    values = [rng.lognormvariate(-8, 3) for _ in range(5000)] + [-0.001, 0.0, 1e9]
-    for bound in _bucket_bounds()[:300:7]:
-        values += [bound, math.nextafter(bound, 0), math.nextafter(bound, 1)]
+    values = [rng.lognormvariate(-8, 3) for _ in range(5000)] + [-0.001, 0.0, 1e9, 1e12]
+    for index in range(1, 400, 3):
+        edge = _first_micro(index) / 1_000_000
+        values += [edge, math.nextafter(edge, 0), math.nextafter(edge, 1)]
     expected = [0] * 2048
     for v in values:
         expected[_index(int(v * 1_000_000))] += 1
