@@ -70,10 +70,18 @@ def test_classic_options_parse() -> None:
     (("-n", "1", "--source", "127.0.0.9-127.0.0.2"), "ends before it starts"),
     (("-n", "1", "--source", "::1"), "--source addresses are IPv6 but 127.0.0.1 is IPv4"),
     (("-n", "1", "--body", "/nonexistent/msg.eml"), "no such file or directory"),
+    (("-n", "1", "no-such-host.invalid"), "cannot resolve host 'no-such-host.invalid'"),
+    (("-n", "1", "b\u00fccher.invalid"), "cannot resolve host 'b\u00fccher.invalid'"),
 ])
 def test_bad_command_lines(capsys: pytest.CaptureFixture[str], args: tuple[str, ...],
                            message: str) -> None:
     assert message in error_of(capsys, *args)
+
+
+def test_hosts_resolve_to_the_address_connected_to() -> None:
+    assert config("-n", "1", "-p", "2525", "localhost").sockaddr[:2] in (
+        ("127.0.0.1", 2525), ("::1", 2525))
+    assert config("-n", "1", "[::1]").sockaddr[:2] == ("::1", 25)
 
 
 def test_null_sender_and_address_literal_ehlo_are_allowed() -> None:
