@@ -349,7 +349,8 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
 
     smtp = parser.add_argument_group("SMTP")
     smtp.add_argument("--ehlo", default="localhost", metavar="NAME",
-                      help="name in EHLO (HELO when the server rejects EHLO) [localhost]")
+                      help="name in EHLO (HELO when the server answers EHLO with 500 or 502) "
+                      "[localhost]")
     smtp.add_argument("--rcpts", type=argtypes.positive_int, default=1, metavar="N",
                       help="recipients per message: the -T address, or local+1@domain ... "
                       "local+N@domain [1]")
