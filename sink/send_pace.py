@@ -6,9 +6,11 @@ Contract:
   ``n`` at once (a connection's ``-m`` messages) and returns how many it got;
   :meth:`give_back` returns tickets that were taken but never put on the wire, so
   ``-n N`` attempts exactly N messages however connections end; :meth:`open` says
-  whether a reserved ticket may still be used now. :class:`CountPool` holds N
-  tickets; :class:`DeadlinePool` gives tickets until a ``time.perf_counter()``
-  deadline. :meth:`close` makes every later ``reserve`` and ``open`` fail.
+  whether a reserved ticket may still be used now, :meth:`open_at` whether a message
+  paced to start at a later ``time.perf_counter()`` time may still start then.
+  :class:`CountPool` holds N tickets; :class:`DeadlinePool` gives tickets until a
+  ``time.perf_counter()`` deadline. :meth:`close` makes every later ``reserve``,
+  ``open`` and ``open_at`` fail.
 * A pacer's :meth:`delay` says how many seconds the next message must wait before it
   starts (never busy-waits: callers sleep on the event loop). :class:`RatePacer`
   spaces message starts ``1/rate`` apart over the whole process; :class:`PausePacer`
@@ -40,6 +42,9 @@ class CountPool:
     def open(self) -> bool:
         return not self.closed
 
+    def open_at(self, when: float) -> bool:
+        return not self.closed
+
     def give_back(self, n: int = 1) -> None:
         self.remaining += n
 
@@ -65,6 +70,9 @@ class DeadlinePool:
 
     def open(self) -> bool:
         return not self.closed and time.perf_counter() < self.deadline
+
+    def open_at(self, when: float) -> bool:
+        return not self.closed and when < self.deadline
 
     def give_back(self, n: int = 1) -> None:
         """Nothing to return: time-limited runs count what they attempted."""

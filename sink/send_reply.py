@@ -10,8 +10,9 @@ Contract:
 * Lines end with CRLF; a bare LF is tolerated, as most clients do.
 * A malformed line (fewer than three digits, a first digit outside 2-5, a fourth byte
   other than space or hyphen, a continuation with another code), a line longer than
-  ``max_line`` or a reply of more than ``max_lines`` lines raises :class:`ReplyError`;
-  the parser is then unusable, as the connection it reads is. Together the two caps
+  ``max_line`` or a reply of more than ``max_lines`` lines raises :class:`ReplyError`,
+  which carries the replies the same read completed before it (they are real answers
+  and count); the parser is then unusable, as the connection it reads is. Together the two caps
   bound what one reply can hold (``MAX_LINES * MAX_LINE`` bytes, 8 MiB): a server that
   never ends a multi-line reply is a protocol error, not unbounded memory.
 """
@@ -29,7 +30,12 @@ _CODES = {b"%d" % code: code for code in range(200, 600)}
 
 
 class ReplyError(ValueError):
-    """The server sent something that is not an SMTP reply."""
+    """The server sent something that is not an SMTP reply; ``replies`` are those the
+    same read completed before it, in order."""
+
+    def __init__(self, message: str, replies: list[Reply] | None = None) -> None:
+        super().__init__(message)
+        self.replies: list[Reply] = replies or []
 
 
 def _split(line: bytes) -> tuple[int, bool, bytes]:
@@ -74,8 +80,16 @@ class ReplyParser:
             code = _CODES.get(data[:3])
             if code is not None:
                 return [(code, [data[4:-2]])]
-        buf = self._buf + data if self._buf else data
         replies: list[Reply] = []
+        try:
+            self._feed(self._buf + data if self._buf else data, replies)
+        except ReplyError as exc:
+            exc.replies = replies
+            raise
+        return replies
+
+    def _feed(self, buf: bytes, replies: list[Reply]) -> None:
+        """Append the replies ``buf`` (the unparsed rest and a new read) completes."""
         start = 0
         while True:
             end = buf.find(b"\n", start)
@@ -100,7 +114,6 @@ class ReplyParser:
         if len(rest) > self.max_line:
             raise ReplyError(f"reply line longer than {self.max_line} bytes")
         self._buf = rest
-        return replies
 
 
 def extensions(lines: list[bytes]) -> frozenset[str]:

@@ -17,7 +17,9 @@ is called a few times a second with (sent, failed, open connections).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import math
 import signal
 import ssl
 import sys
@@ -32,7 +34,7 @@ from sink.send_dialogue import Dialogue
 from sink.send_hold import HoldResult, run_hold
 from sink.send_pace import CountPool, DeadlinePool, PausePacer, RatePacer
 from sink.send_session import SenderSession, SessionContext
-from sink.send_source import SourceRotation, bound_socket
+from sink.send_source import SourceRotation, bound_socket, tcp_socket
 from sink.send_stats import CONNECT, TLS, Stats
 
 PUBLISH_INTERVAL = 0.2
@@ -165,9 +167,14 @@ class Runner:
                 task.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
-        # The clock's end (see sink.send_stats): not the closing QUITs after the last message.
+        # The clock's end (see sink.send_stats): not the closing QUITs after the last
+        # message; a -t run's deadline at least; nothing for a worker given nothing to do.
         stats = self.stats
-        stats.finished = max(stats.settled, self._stopped_at) or time.perf_counter()
+        if stats.started < math.inf:
+            end = max(stats.settled, self._stopped_at)
+            if config.duration is not None and not self.stopped:
+                end = max(end, min(start + config.duration, time.perf_counter()))
+            stats.finished = end or time.perf_counter()
         if self._publish is not None:
             self._publish(self.stats.sent, self.stats.failed, 0)
         interrupted = self._interrupt_reason == "interrupted"
@@ -206,13 +213,20 @@ class Runner:
             if pacer is not None:
                 delay = pacer.delay()
                 if delay > 0:
-                    await asyncio.sleep(delay)
-                    if self.stopped:
+                    late = not pool.open_at(_perf() + delay)  # its turn is after the run's end
+                    if not late:
+                        await self._pause(delay)
+                    if late or self.stopped:
                         pool.give_back(tickets)
                         return
             session = await self.open_session(tickets - 1)
             if session is not None:
                 await session.done
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when the run stops meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def open_session(self, reserved: int) -> SenderSession | None:
         """Connect one session for the message whose ticket the caller took and
@@ -230,21 +244,22 @@ class Runner:
         assert task is not None
         self._connecting[task] = started + config.timeout
         try:
-            if self._sources is not None:
-                sock = bound_socket(self._sources.next())
+            if self._sources is not None or config.tls:
+                # TCP first: with --tls, what fails after it is the handshake's ("tls").
+                sock = (bound_socket(self._sources.next()) if self._sources is not None
+                        else tcp_socket(config.family))
                 try:
                     await loop.sock_connect(sock, config.sockaddr)
                 except BaseException:
                     sock.close()
                     raise
+                if config.tls:
+                    stage = TLS
                 await loop.create_connection(
                     lambda: session, sock=sock, ssl=self._ssl if config.tls else None,
                     server_hostname=self.ctx.server_hostname if config.tls else None)
             else:
-                await loop.create_connection(
-                    lambda: session, config.sockaddr[0], config.port,
-                    ssl=self._ssl if config.tls else None,
-                    server_hostname=self.ctx.server_hostname if config.tls else None)
+                await loop.create_connection(lambda: session, config.sockaddr[0], config.port)
         except asyncio.CancelledError:
             if task in self._cut:  # the run stopped
                 self._cut.discard(task)
@@ -262,17 +277,18 @@ class Runner:
                 task.uncancel()
                 if not session.connected:  # else it connected just as the deadline passed
                     cause = "timeout"
-        except ssl.SSLError:
-            stage, cause = TLS, "error"
+        except ssl.SSLError as exc:
+            stage, cause = TLS, "closed" if isinstance(exc, ssl.SSLEOFError) else "error"
         except OSError as exc:
-            cause = _connect_cause(exc)
+            cause = "closed" if stage == TLS else _connect_cause(exc)
         if cause:
             del self._connecting[task]
             stats.connections_failed += 1
             stats.fail(stage, cause)
             self.pool.give_back(reserved)
             if self.ctx.dialogue is not None:
-                self.ctx.dialogue.note(session.number, f"connect failed: {cause}")
+                what = "TLS handshake" if stage == TLS else "connect"
+                self.ctx.dialogue.note(session.number, f"{what} failed: {cause}")
             return None
         del self._connecting[task]
         if self.stopped:

@@ -15,12 +15,16 @@ Contract:
   back to the pool for the next connection, if an earlier message ended on this
   connection; a connection's first message fails as ``4xx`` at its stage instead, so a
   server that says 421 at once cannot make the client reconnect for ever. Any other
-  such reply is a protocol error
-  ("bad reply") of the message in progress, at the stage it was at (``mail`` while it
-  waits for its start time).
+  such reply is a protocol error ("bad reply") of the message in progress, at the
+  stage it was at (``mail`` while it waits for its start time). So is a malformed
+  line; the replies the same read completed before it are handled first, as the
+  answers they are.
 * With ``--pipelining`` and a server offering PIPELINING, MAIL, the RCPTs and DATA go
   in one write, and the message text is sent together with the next message's
-  commands (or QUIT), as RFC 2920 allows: about one round trip per message.
+  commands (or QUIT), as RFC 2920 allows: about one round trip per message. That next
+  message is then on the wire: if the connection ends before its replies, it counts
+  failed at MAIL (cause ``closed``, ``timeout``, ``4xx`` for a 421, or ``bad reply``),
+  or unfinished when the run stops.
 * A refused MAIL or RCPT fails the message (``mail``/``rcpt`` with the reply's class),
   with or without pipelining. Without it the client sends RSET at once. With it, DATA
   is already on the wire; when the server still answers 354, the client does what RFC
@@ -132,6 +136,7 @@ class SessionContext:
         "pacer",
         "pipelining",
         "pool",
+        "quit_when_late",
         "rcpt_block",
         "rcpt_cmds",
         "rcpts",
@@ -150,6 +155,10 @@ class SessionContext:
         self.messages = messages
         self.pool = pool
         self.pacer = pacer
+        #: A paced message whose turn comes after the run's end is not started: the
+        #: connection QUITs. A hold keeps its connections to its end instead (its stop
+        #: cancels the wait).
+        self.quit_when_late = config.hold is None
         self.dialogue = dialogue
         self.tls_context = tls_context
         self.loop = asyncio.get_running_loop()
@@ -190,6 +199,7 @@ class SenderSession(asyncio.Protocol):
         "_in_msg",
         "_last",
         "_later",
+        "_malformed",
         "_msg_failed",
         "_msg_start",
         "_next_held",
@@ -216,6 +226,7 @@ class SenderSession(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser: ReplyParser | None = None  # made when a read is not a known one
         self._partial = False  # the parser holds part of a reply
+        self._malformed = ""  # a protocol error in the read being handled, after its replies
         self._expect: deque[tuple[int, float]] = deque()
         self._last = 0.0  # perf_counter() of the last write or reply
         self.done: asyncio.Future[None] = ctx.loop.create_future()
@@ -299,21 +310,28 @@ class SenderSession(asyncio.Protocol):
                 ctx.dialogue.received(self._id, code, lines)
             if code == 421 and stage != QUIT:
                 self._fail(stage, "4xx")
+                self._settle_held("4xx")
                 self._close("421")
                 return
             _HANDLERS[stage](self, code, lines, now)
+        if self._malformed and not self._closing:
+            self._protocol_error(self._malformed)
 
     def _parse(self, data: bytes) -> list[Reply] | None:
-        """The replies ``data`` completes; ``None`` after a protocol error. A read that
-        was exactly whole replies is remembered (see the module contract)."""
+        """The replies ``data`` completes (``None`` when none). A protocol error in it
+        is handled after the replies before it, which are real answers; a read that was
+        exactly whole replies is remembered (see the module contract)."""
         parser = self._parser
         if parser is None:
             parser = self._parser = ReplyParser()
         try:
             replies = parser.feed(data)
         except ReplyError as exc:
-            self._protocol_error(str(exc))
-            return None
+            if not exc.replies:
+                self._protocol_error(str(exc))
+                return None
+            self._malformed = str(exc)
+            return exc.replies
         was_partial, self._partial = self._partial, parser.pending
         known = self._ctx.known
         if (replies and not (was_partial or self._partial) and len(data) <= KNOWN_READ_BYTES
@@ -323,6 +341,10 @@ class SenderSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.done.done():  # already ended by a failed STARTTLS handshake
+            return
+        if self._tls_task is not None:
+            # A STARTTLS handshake's SSL layer reports the loss before the handshake's
+            # task ends; _tls_ready books why (a TLS error or a close) and ends us.
             return
         ctx = self._ctx
         ctx.active.discard(self)
@@ -339,6 +361,7 @@ class SenderSession(asyncio.Protocol):
             else:  # waiting for its start time: never on the wire
                 ctx.pool.give_back()
         self._in_msg = False
+        self._settle_held("closed")
         self._release()
         if not self.done.done():
             self.done.set_result(None)
@@ -355,13 +378,15 @@ class SenderSession(asyncio.Protocol):
             return
         stage = self._expect[0][0] if self._expect else GREETING
         self._fail(stage, "timeout")
+        self._settle_held("timeout")
         if self._ctx.dialogue is not None:
             self._ctx.dialogue.note(self._id, f"timeout waiting for the {STAGES[stage]} reply")
         self._abort("quit timeout" if stage == QUIT else "timeout")
 
     def stop(self, reason: str) -> None:
         """End the session now (end of a hold, or an interrupt); a message on the wire
-        counts as unfinished, one not yet started goes back to the pool."""
+        (also a pipelined next one) counts as unfinished, one not yet started goes back
+        to the pool."""
         ctx = self._ctx
         if self._in_msg and not self._msg_failed:
             if self._expect:
@@ -369,6 +394,7 @@ class SenderSession(asyncio.Protocol):
             else:
                 ctx.pool.give_back()
         self._in_msg = False
+        self._settle_held(None)
         self._release()
         self._close(reason)
 
@@ -382,11 +408,20 @@ class SenderSession(asyncio.Protocol):
 
     def _release(self) -> None:
         """Return the tickets reserved for messages this connection will not send."""
-        unused = self._reserved + self._next_held
-        self._reserved = 0
-        self._next_held = False
+        unused, self._reserved = self._reserved, 0
         if unused:
             self._ctx.pool.give_back(unused)
+
+    def _settle_held(self, cause: str | None) -> None:
+        """The pipelined next message, already on the wire, will not be answered on this
+        connection: unfinished when the run stopped (``cause`` is None), otherwise failed
+        at MAIL for ``cause``."""
+        if self._next_held:
+            self._next_held = False
+            if cause is None:
+                self._ctx.stats.unfinished += 1
+            else:
+                self._ctx.stats.fail(MAIL, cause)
 
     # -- writing ----------------------------------------------------------------------
 
@@ -422,22 +457,23 @@ class SenderSession(asyncio.Protocol):
     # -- message flow -----------------------------------------------------------------
 
     def _start_message(self) -> None:
-        """Begin the next message on this connection, or QUIT when there is none."""
+        """Begin the next message on this connection (after its pacing delay), or QUIT
+        when there is none or its turn would come after the run's end."""
         ctx = self._ctx
-        if self._reserved <= 0 or not ctx.pool.open():
-            self._release()
-            self._send(_QUIT, QUIT)
-            return
-        self._reserved -= 1
-        self._in_msg = True
-        self._msg_failed = False
-        self._later = True
-        if ctx.pacer is not None:
-            delay = ctx.pacer.delay()
-            if delay > 0:
-                self._timer = ctx.loop.call_later(delay, self._send_transaction)
+        if self._reserved > 0 and ctx.pool.open():
+            delay = ctx.pacer.delay() if ctx.pacer is not None else 0.0
+            if delay <= 0 or not ctx.quit_when_late or ctx.pool.open_at(_perf() + delay):
+                self._reserved -= 1
+                self._in_msg = True
+                self._msg_failed = False
+                self._later = True
+                if delay > 0:
+                    self._timer = ctx.loop.call_later(delay, self._send_transaction)
+                else:
+                    self._send_transaction()
                 return
-        self._send_transaction()
+        self._release()
+        self._send(_QUIT, QUIT)
 
     def _send_transaction(self, restart_clock: bool = True) -> None:
         """Send MAIL (and with pipelining RCPTs and DATA/BDAT) for the current message;
@@ -696,6 +732,7 @@ class SenderSession(asyncio.Protocol):
         # Nothing awaited: past the greeting, a paced message waiting to start (at MAIL).
         stage = self._expect[0][0] if self._expect else MAIL
         self._fail(stage, "bad reply")
+        self._settle_held("bad reply")
         if self._ctx.dialogue is not None:
             self._ctx.dialogue.note(self._id, text)
         self._abort("bad reply")

@@ -7,7 +7,8 @@ Contract:
   addresses in order; it raises :class:`SourceError` with one line for anything else,
   mixed families, or more than :data:`MAX_SOURCES` addresses.
 * :class:`SourceRotation` hands out the addresses round-robin from an offset.
-* :func:`bound_socket` returns a non-blocking TCP socket bound to a source address
+* :func:`tcp_socket` returns a non-blocking TCP socket without Nagle's delay, as
+  ``create_connection`` makes; :func:`bound_socket` one bound to a source address
   with ``IP_BIND_ADDRESS_NO_PORT``, so the kernel picks the local port at connect time
   from the whole 4-tuple: each source address has its own ~28,000 ephemeral ports
   towards one server port, which is what lets one machine open more connections.
@@ -81,13 +82,22 @@ class SourceRotation:
         return address
 
 
-def bound_socket(source: str) -> socket.socket:
-    """A non-blocking TCP socket bound to ``source`` (port chosen at connect)."""
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+def tcp_socket(family: int) -> socket.socket:
+    """A non-blocking TCP socket of ``family`` with TCP_NODELAY."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_socket(source: str) -> socket.socket:
+    """A non-blocking TCP socket bound to ``source`` (port chosen at connect)."""
+    sock = tcp_socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
+    try:
         sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((source, 0))
     except OSError:

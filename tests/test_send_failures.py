@@ -161,6 +161,64 @@ def test_a_quit_never_answered_is_reported_and_not_timed() -> None:
     assert "Connections ended: quit timeout 1" in text.stdout.splitlines()
 
 
+def test_a_timed_run_is_timed_to_its_end_while_senders_wait_for_quit() -> None:
+    """Each sender's message is done in milliseconds, then its QUIT is never answered
+    until -t has passed: the rate divides by the run's second, not by those milliseconds
+    (before: 'Sent 3 messages in 0.002 seconds')."""
+    with FakeSMTP({"QUIT": SILENT}) as server:
+        status, out = send_to(server, "-t", "1", "-s", "3", "--timeout", "2")
+    assert status == 0 and out["sent"] == 3
+    assert 0.9 <= out["seconds"] < 1.9
+
+
+def test_a_worker_with_nothing_to_send_adds_no_time() -> None:
+    """-n 1 over eight processes: seven workers get no message; their exit times used to
+    stretch the run's clock to theirs."""
+    with FakeSMTP() as server:
+        status, out = send_to(server, "-n", "1", "-s", "8", "--procs", "8")
+    assert status == 0 and out["sent"] == 1
+    assert out["seconds"] * 1000 <= out["delivery_ms"]["max"] + 0.5
+
+
+def test_replies_before_a_malformed_line_in_the_same_read_count() -> None:
+    """The 250 for the message and a line of garbage arrive in one read: the message is
+    sent, and the garbage ends the connection as a protocol error afterwards."""
+    with FakeSMTP({".": b"250 2.0.0 Ok: queued\r\n?? garbage\r\n"}) as server:
+        status, out = send_to(server, "-n", "3")
+    assert status == 0 and out["sent"] == 3 and out["failures"] == {}
+    assert out["connections"]["ended"] == {"bad reply": 3}
+
+
+def test_garbage_after_the_221_still_ends_the_connection_by_quit() -> None:
+    with FakeSMTP({"QUIT": b"221 2.0.0 Bye\r\nnot smtp\r\n"}) as server:
+        status, out = send_to(server, "-n", "2", "-s", "2")
+    assert status == 0 and out["connections"]["ended"] == {"quit": 2}
+
+
+def test_an_interrupt_counts_the_pipelined_next_message_as_unfinished() -> None:
+    """With --pipelining the next message's MAIL, RCPT and DATA go out with the text of
+    the one before: an interrupt before their replies leaves two messages on the wire,
+    both unfinished (before: the second counted as never attempted)."""
+    with FakeSMTP(delay=0.5) as server, send_running(
+            "-n", "5", "-m", "5", "--pipelining", "-p", str(server.port)) as proc:
+        deadline = time.monotonic() + 30
+        while server.counts.get("DATA", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out = interrupted_summary(proc, timeout=20)
+    assert (out["sent"], out["unfinished"], out["not_attempted"]) == (0, 2, 3)
+
+
+def test_a_pipelined_next_message_fails_when_the_connection_drops() -> None:
+    """The server drops the connection instead of answering the end of data: the message
+    and the pipelined one after it both failed; neither is sent again."""
+    with FakeSMTP({".": CLOSE}) as server:
+        status, out = send_to(server, "-n", "2", "-m", "2", "--pipelining")
+    assert status == 1
+    assert out["failures"] == {"dot closed": 1, "mail closed": 1}
+    assert server.connections == 1
+
+
 IDLE_421 = b"250 2.0.0 Ok: queued\r\n421 4.4.2 fake.example Error: timeout exceeded\r\n"
 
 

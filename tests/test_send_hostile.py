@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from tests.support import free_port
 from tests.test_send_support import interrupted_summary, run_send, send_running
 
@@ -77,7 +79,8 @@ def test_a_reply_that_never_ends_is_a_bad_reply() -> None:
 
 def starttls_server(then: str) -> StreamServer:
     """Offers STARTTLS, answers it 220, then ``then``: "stall" (reads the ClientHello and
-    says nothing) or "close" (drops the connection)."""
+    says nothing), "close" (drops the connection) or "plain" (answers the ClientHello
+    in plain text, which the client's TLS layer refuses)."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 tls.example ESMTP\r\n")
         while line := await reader.readline():
@@ -89,6 +92,10 @@ def starttls_server(then: str) -> StreamServer:
                 await writer.drain()
                 if then == "close":
                     return
+                if then == "plain":
+                    await reader.read(4096)
+                    writer.write(b"500 5.5.2 what is this?\r\n")
+                    await writer.drain()
                 while await reader.read(4096):
                     pass
             else:
@@ -113,6 +120,38 @@ def test_a_dropped_starttls_handshake_ends_the_session() -> None:
     assert status == 1
     assert out["failures"] == {"tls closed": 3}
     assert server.connections == 3  # each failed session ended, and the next one began
+
+
+def test_a_failed_starttls_handshake_is_a_tls_error() -> None:
+    """The SSL layer reports the lost connection before the handshake's task ends;
+    that used to book a 'tls closed' and 'closed by server' ending."""
+    with starttls_server("plain") as server:
+        status, out, _ = run_send("-n", "2", "--starttls", "--timeout", "20",
+                                  "-p", str(server.port), timeout=15)
+    assert status == 1
+    assert out["failures"] == {"tls error": 2}
+    assert out["connections"]["ended"] == {"TLS error": 2}
+
+
+@pytest.mark.parametrize(("then", "bucket"), [
+    ("close", "tls closed"), ("plain", "tls error"), ("stall", "tls timeout")])
+def test_a_failed_tls_handshake_on_connect_is_booked_at_tls(then: str, bucket: str) -> None:
+    """--tls: the TCP connection is made, then the server drops it, answers in plain
+    text, or says nothing. That is the handshake's failure, not the connect's (before:
+    'connect econnreset' for the drop, 'connect timeout' for the silence)."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if then == "plain":
+            writer.write(b"220 plain.example ESMTP\r\n")
+        if then != "close":
+            while await reader.read(4096):
+                pass
+
+    with StreamServer(handler) as server:
+        status, out, _ = run_send("-n", "2", "--tls", "--timeout", "0.5",
+                                  "-p", str(server.port), timeout=15)
+    assert status == 1
+    assert out["failures"] == {bucket: 2}
+    assert out["connections"]["failed"] == 2
 
 
 def deaf_after_data(in_data: threading.Event) -> StreamServer:
