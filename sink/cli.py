@@ -371,7 +371,7 @@ def _add_send(subparsers: argparse._SubParsersAction) -> None:
     load = parser.add_argument_group("load")
     load.add_argument("--rate", type=argtypes.positive_float, default=None, metavar="R",
                       help="start at most R messages per second in total (latency at a "
-                      "given load)")
+                      "given load); with -t, none whose turn comes after the run's end")
     load.add_argument("--source", default=None, metavar="ADDRS",
                       help="bind connections round-robin to these local addresses: "
                       "ADDR[,ADDR...] or a range such as 127.0.0.2-127.0.0.254")

@@ -21,6 +21,8 @@ DEFAULT_FROM = "smtpsend@localhost"
 DEFAULT_TO = "smtpsink@localhost"
 DEFAULT_SUBJECT = "spamsink send test message"
 DEFAULT_BYTES = 1024
+#: The largest -b: each process builds the message in memory, and a copy per message.
+MAX_BYTES = 100 * 1024**2
 #: Seconds a reply may take; hold mode waits like a patient spammer.
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_HOLD_TIMEOUT = 3600.0
@@ -128,6 +130,8 @@ def config_from_options(options: argparse.Namespace) -> SendConfig:
         raise UsageError("-S: a subject must not contain line breaks")
     if options.duration is not None and options.duration <= 0:
         raise UsageError("-t must be more than 0 seconds")
+    if options.body_bytes is not None and options.body_bytes > MAX_BYTES:
+        raise UsageError("-b: at most 100M (the message is built in memory)")
     bodies = None
     if options.body is not None:
         if options.body_bytes is not None:

@@ -70,6 +70,7 @@ def test_classic_options_parse() -> None:
     (("-n", "1", "--source", "127.0.0.9-127.0.0.2"), "ends before it starts"),
     (("-n", "1", "--source", "::1"), "--source addresses are IPv6 but 127.0.0.1 is IPv4"),
     (("-n", "1", "--body", "/nonexistent/msg.eml"), "no such file or directory"),
+    (("-n", "1", "-b", "1e15"), "-b: at most 100M"),
     (("-n", "1", "no-such-host.invalid"), "cannot resolve host 'no-such-host.invalid'"),
     (("-n", "1", "b\u00fccher.invalid"), "cannot resolve host 'b\u00fccher.invalid'"),
 ])
