@@ -173,7 +173,7 @@ class Runner:
         if stats.started < math.inf:
             end = max(stats.settled, self._stopped_at)
             if config.duration is not None and not self.stopped:
-                end = max(end, min(start + config.duration, time.perf_counter()))
+                end = max(end, start + config.duration)
             stats.finished = end or time.perf_counter()
         if self._publish is not None:
             self._publish(self.stats.sent, self.stats.failed, 0)
@@ -255,9 +255,13 @@ class Runner:
                     raise
                 if config.tls:
                     stage = TLS
-                await loop.create_connection(
-                    lambda: session, sock=sock, ssl=self._ssl if config.tls else None,
-                    server_hostname=self.ctx.server_hostname if config.tls else None)
+                if config.tls:
+                    await loop.create_connection(
+                        lambda: session, sock=sock, ssl=self._ssl,
+                        server_hostname=self.ctx.server_hostname,
+                        ssl_handshake_timeout=self.ctx.handshake_timeout)
+                else:
+                    await loop.create_connection(lambda: session, sock=sock)
             else:
                 await loop.create_connection(lambda: session, config.sockaddr[0], config.port)
         except asyncio.CancelledError:

@@ -45,7 +45,8 @@ Contract:
   when the task does not give it a TLS transport: a handshake the server drops fails
   as ``tls closed`` (``tls error`` for a TLS alert), one that stalls as ``tls timeout``
   at ``--timeout`` (the sweep's abort cancels the task), and ``done`` is set in every
-  case.
+  case. A reply that arrives before the handshake's end is reported (the server spoke
+  before the client's EHLO) is a ``tls bad reply``.
 * Cheap per reply: a read that is exactly a reply (or several) seen before is looked
   up, not parsed (servers repeat the same greeting, EHLO and ``250 Ok`` replies; at
   most :data:`KNOWN_READS` different reads of at most :data:`KNOWN_READ_BYTES` bytes
@@ -95,6 +96,10 @@ KNOWN_READS = 1024
 KNOWN_READ_BYTES = 1024
 #: Longest wait, in seconds, for a closing connection's written data to be taken.
 CLOSE_GRACE = 10.0
+#: Seconds past --timeout before asyncio itself gives up on a TLS handshake: the
+#: sweep's timeout (within a tick, at most 1 s) must come first, so a stalled
+#: handshake is a "tls timeout" at --timeout, not asyncio's abort at its own 60 s.
+HANDSHAKE_BACKSTOP = 2.0
 
 
 def recipients(address: str, count: int) -> list[str]:
@@ -128,6 +133,7 @@ class SessionContext:
         "ehlo_offered",
         "ehlo_seen",
         "group",
+        "handshake_timeout",
         "helo_cmd",
         "known",
         "loop",
@@ -166,6 +172,7 @@ class SessionContext:
         self.connections = 0
         self.timeout = config.timeout
         self.close_grace = min(config.timeout, CLOSE_GRACE)
+        self.handshake_timeout = config.timeout + HANDSHAKE_BACKSTOP
         self.pipelining = config.pipelining
         self.bdat = config.bdat
         self.server_hostname = config.host.strip("[]")
@@ -588,8 +595,14 @@ class SenderSession(asyncio.Protocol):
         transport = cast(asyncio.Transport, self._transport)
         task = self._tls_task = ctx.loop.create_task(ctx.loop.start_tls(
             transport, self, cast(ssl.SSLContext, ctx.tls_context),
-            server_hostname=ctx.server_hostname))
+            server_hostname=ctx.server_hostname, ssl_handshake_timeout=ctx.handshake_timeout))
         task.add_done_callback(self._tls_ready)
+
+    def _on_tls(self, code: int, lines: list[bytes], now: float) -> None:
+        """A reply before the STARTTLS handshake's end is reported: the server spoke
+        before the client's EHLO over TLS (see the module contract)."""
+        self._fail(TLS, "bad reply")
+        self._abort("bad reply")
 
     def _tls_ready(self, task: asyncio.Task) -> None:
         """The STARTTLS handshake ended: go on over TLS, or end the session (see the
@@ -777,6 +790,7 @@ _BY_STAGE = {
     BDAT: SenderSession._on_bdat,
     RSET: SenderSession._on_rset,
     QUIT: SenderSession._on_quit,
+    TLS: SenderSession._on_tls,
 }
 #: The reply handler of each stage, indexed by stage number.
 _HANDLERS = tuple(_BY_STAGE.get(stage, _no_reply_expected) for stage in range(len(STAGES)))

@@ -23,9 +23,10 @@ Contract:
   failure), or to the stop of an interrupted run or a hold: QUIT exchanges after the
   last message (and a QUIT the server never answers) are not counted; a QUIT before a
   sender's next connection is, as that connection waits for it. A ``-t`` run's clock
-  runs at least to its deadline (it was sending, or waiting to, until then), unless
-  the run ended before. A process that attempted nothing (a ``--procs`` worker with no
-  share) has no clock (``started`` infinite, ``finished`` 0), so a merge ignores it.
+  runs at least to its deadline: it was sending, or waiting to, until then (also when
+  its senders stopped early because their next ``--rate`` turn came after it). A
+  process that attempted nothing (a ``--procs`` worker with no share) has no clock
+  (``started`` infinite, ``finished`` 0), so a merge ignores it.
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
+from sink.cli import build_parser
+from sink.send_config import config_from_options
+from sink.send_runner import Runner
+from sink.tls import ensure_self_signed, load_context
 from tests.support import free_port
 from tests.test_send_support import interrupted_summary, run_send, send_running
 
@@ -152,6 +157,62 @@ def test_a_failed_tls_handshake_on_connect_is_booked_at_tls(then: str, bucket: s
     assert status == 1
     assert out["failures"] == {bucket: 2}
     assert out["connections"]["failed"] == 2
+
+
+def stalled_tls_server() -> StreamServer:
+    """Accepts and reads a ClientHello, never answers it."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+
+    return StreamServer(handler)
+
+
+@pytest.mark.parametrize("mode", ["--tls", "--starttls"])
+def test_a_stalled_handshake_times_out_at_timeout_not_at_asyncios_limit(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio gives up on a TLS handshake at its own limit (60 s) unless told
+    otherwise: with a --timeout above it, a stalled handshake ended as 'tls closed' at
+    60 s. Here that limit is made 0.3 s and --timeout is 1 s (in-process, asyncio's
+    loop)."""
+    monkeypatch.setattr(asyncio.constants, "SSL_HANDSHAKE_TIMEOUT", 0.3)
+    server = starttls_server("stall") if mode == "--starttls" else stalled_tls_server()
+    with server:
+        config = config_from_options(build_parser().parse_args(
+            ["send", "-n", "1", mode, "--timeout", "1", "-p", str(server.port)]))
+        result = asyncio.run(Runner(config).run())
+    assert result.stats.failures == {"tls timeout": 1}
+
+
+def test_a_reply_right_after_the_starttls_handshake_is_no_crash(tmp_path: Path) -> None:
+    """The server speaks first over TLS. When that reply comes before the handshake's
+    end is reported, it is a 'tls bad reply' (before: an AssertionError in the callback,
+    the message given back to the pool, and reconnects without end)."""
+    context = load_context(*ensure_self_signed(tmp_path, "tls.example"))
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 tls.example ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-tls.example\r\n250 STARTTLS\r\n")
+            elif verb == b"STAR":
+                writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+                await writer.drain()
+                await writer.start_tls(context)
+                writer.write(b"250 surprise\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.5)
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+
+    with StreamServer(handler) as server:
+        status, out, err = run_send("-n", "40", "-s", "4", "--starttls", "--timeout", "3",
+                                    "-p", str(server.port), timeout=60)
+    assert status == 1 and "Traceback" not in err
+    assert out["sent"] + out["failed"] == 40
+    assert out["connections"]["made"] == 40
 
 
 def deaf_after_data(in_data: threading.Event) -> StreamServer:
