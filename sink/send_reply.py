@@ -12,9 +12,9 @@ Contract:
   other than space or hyphen, a continuation with another code), a line longer than
   ``max_line`` or a reply of more than ``max_lines`` lines raises :class:`ReplyError`,
   which carries the replies the same read completed before it (they are real answers
-  and count); the parser is then unusable, as the connection it reads is. Together the two caps
-  bound what one reply can hold (``MAX_LINES * MAX_LINE`` bytes, 8 MiB): a server that
-  never ends a multi-line reply is a protocol error, not unbounded memory.
+  and count); the parser is then unusable, as the connection it reads is. Together the
+  two caps bound what one reply can hold (``MAX_LINES * MAX_LINE`` bytes, 8 MiB): a
+  server that never ends a multi-line reply is a protocol error, not unbounded memory.
 """
 
 from __future__ import annotations

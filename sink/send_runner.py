@@ -255,7 +255,6 @@ class Runner:
                     raise
                 if config.tls:
                     stage = TLS
-                if config.tls:
                     await loop.create_connection(
                         lambda: session, sock=sock, ssl=self._ssl,
                         server_hostname=self.ctx.server_hostname,

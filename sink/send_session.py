@@ -142,7 +142,6 @@ class SessionContext:
         "pacer",
         "pipelining",
         "pool",
-        "quit_when_late",
         "rcpt_block",
         "rcpt_cmds",
         "rcpts",
@@ -161,10 +160,6 @@ class SessionContext:
         self.messages = messages
         self.pool = pool
         self.pacer = pacer
-        #: A paced message whose turn comes after the run's end is not started: the
-        #: connection QUITs. A hold keeps its connections to its end instead (its stop
-        #: cancels the wait).
-        self.quit_when_late = config.hold is None
         self.dialogue = dialogue
         self.tls_context = tls_context
         self.loop = asyncio.get_running_loop()
@@ -469,7 +464,10 @@ class SenderSession(asyncio.Protocol):
         ctx = self._ctx
         if self._reserved > 0 and ctx.pool.open():
             delay = ctx.pacer.delay() if ctx.pacer is not None else 0.0
-            if delay <= 0 or not ctx.quit_when_late or ctx.pool.open_at(_perf() + delay):
+            # A message whose turn comes after the run's end is not started (QUIT); a
+            # hold keeps its connections to its end instead (its stop cancels the wait).
+            if (delay <= 0 or ctx.config.hold is not None
+                    or ctx.pool.open_at(_perf() + delay)):
                 self._reserved -= 1
                 self._in_msg = True
                 self._msg_failed = False

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -82,10 +83,11 @@ def test_a_reply_that_never_ends_is_a_bad_reply() -> None:
     assert out["failures"] == {"greeting bad reply": 2}
 
 
-def starttls_server(then: str) -> StreamServer:
+def starttls_server(then: str, context: ssl.SSLContext | None = None) -> StreamServer:
     """Offers STARTTLS, answers it 220, then ``then``: "stall" (reads the ClientHello and
-    says nothing), "close" (drops the connection) or "plain" (answers the ClientHello
-    in plain text, which the client's TLS layer refuses)."""
+    says nothing), "close" (drops the connection), "plain" (answers the ClientHello in
+    plain text, which the client's TLS layer refuses) or "speak first" (completes the
+    handshake with ``context`` and at once sends a reply, before any EHLO)."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 tls.example ESMTP\r\n")
         while line := await reader.readline():
@@ -96,6 +98,12 @@ def starttls_server(then: str) -> StreamServer:
                 writer.write(b"220 2.0.0 Ready to start TLS\r\n")
                 await writer.drain()
                 if then == "close":
+                    return
+                if then == "speak first":
+                    await writer.start_tls(context)
+                    writer.write(b"250 surprise\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.5)
                     return
                 if then == "plain":
                     await reader.read(4096)
@@ -189,25 +197,7 @@ def test_a_reply_right_after_the_starttls_handshake_is_no_crash(tmp_path: Path) 
     end is reported, it is a 'tls bad reply' (before: an AssertionError in the callback,
     the message given back to the pool, and reconnects without end)."""
     context = load_context(*ensure_self_signed(tmp_path, "tls.example"))
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 tls.example ESMTP\r\n")
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(b"250-tls.example\r\n250 STARTTLS\r\n")
-            elif verb == b"STAR":
-                writer.write(b"220 2.0.0 Ready to start TLS\r\n")
-                await writer.drain()
-                await writer.start_tls(context)
-                writer.write(b"250 surprise\r\n")
-                await writer.drain()
-                await asyncio.sleep(0.5)
-                return
-            else:
-                writer.write(b"250 ok\r\n")
-
-    with StreamServer(handler) as server:
+    with starttls_server("speak first", context) as server:
         status, out, err = run_send("-n", "40", "-s", "4", "--starttls", "--timeout", "3",
                                     "-p", str(server.port), timeout=60)
     assert status == 1 and "Traceback" not in err

@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from tests.test_send_support import FakeSMTP, interrupted_summary, run_send, send_running
 
 
@@ -24,28 +26,20 @@ def test_an_interrupt_ends_a_wait_for_the_next_rate_slot() -> None:
     assert (out["sent"], out["not_attempted"]) == (1, 2)
 
 
-def test_a_timed_run_starts_no_message_after_its_end_between_connections() -> None:
-    """-t 1 at 2 messages/s over 10 senders: slots at 0 and 0.5 s fall in the run, the
-    other senders' slots (up to 4.5 s) do not, so they stop at once (before: the run
-    went on for 5 s and sent all 10)."""
+@pytest.mark.parametrize(("spread", "connections"), [
+    (("-s", "10"), 2), (("-m", "100"), 1)], ids=["between connections", "on a connection"])
+def test_a_timed_run_starts_no_message_after_its_end(spread: tuple[str, ...],
+                                                     connections: int) -> None:
+    """-t 1 at 2 messages/s: turns at 0 and 0.5 s fall in the run, later ones do not.
+    Ten senders waiting for turns up to 4.5 s stop at once, and a connection whose next
+    turn is at 1 s QUITs instead of waiting for it (before: the run went on for 5 s and
+    sent all 10, and reported the time until it stopped, not the run's second)."""
     with FakeSMTP() as server:
         began = time.monotonic()
-        status, out, _ = run_send("-t", "1", "-s", "10", "--rate", "2",
-                                  "-p", str(server.port))
+        status, out, _ = run_send("-t", "1", *spread, "--rate", "2", "-p", str(server.port))
         wall = time.monotonic() - began
     assert status == 0
     assert out["sent"] == 2 and wall < 3.5
     assert out["seconds"] >= 0.99  # the run's second, not the half second they took
-
-
-def test_a_timed_run_starts_no_message_after_its_end_on_a_connection() -> None:
-    """The same on one connection (-m): the third slot, at 1 s, is the run's end, so the
-    connection QUITs instead of waiting for it."""
-    with FakeSMTP() as server:
-        began = time.monotonic()
-        status, out, _ = run_send("-t", "1", "-m", "100", "--rate", "2",
-                                  "-p", str(server.port))
-        wall = time.monotonic() - began
-    assert status == 0
-    assert out["sent"] == 2 and wall < 3.5 and out["seconds"] >= 0.99
-    assert out["connections"] == {"made": 1, "failed": 0, "ended": {"quit": 1}}
+    assert out["connections"] == {"made": connections, "failed": 0,
+                                  "ended": {"quit": connections}}
